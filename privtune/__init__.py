@@ -1,0 +1,14 @@
+"""privtune: fine-tune language models on private data, account for privacy, measure memorization.
+
+The distribution maps each top-level folder of the repository to one subpackage:
+
+- ``privtune.launch``     CLI, typed config, run directories and stages
+- ``privtune.corpora``    datasets with gold sensitive spans, tokenization with per-token sensitive masks
+- ``privtune.trainers``   model loading, the training loop and the DP engine
+- ``privtune.accounting`` accountants, calibration, the privacy ledger
+- ``privtune.eval``       memorization grid, exposure, membership inference, reports
+- ``privtune.synth``      Paper B's DP synthetic-instruction pipeline
+- ``privtune.cluster``    Slurm rendering and submission
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from privtune.launch.cli import main
+
+raise SystemExit(main())
