@@ -1,0 +1,55 @@
+"""The evaluation stage: score a run's model (and the base model) on its prepared data.
+
+Owns: loading the prepared splits, choosing which examples to score, and writing ``eval/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from privtune.eval.grid import grid, readings
+from privtune.eval.scoring import score_tokens
+from privtune.launch.config import RunConfig
+from privtune.launch.progress import info
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict:
+    from privtune.corpora import load_prepared
+    from privtune.trainers.models import load_model
+
+    data = load_prepared(run_dir / "data")
+    if cfg.performance.num_threads:
+        torch.set_num_threads(cfg.performance.num_threads)
+    limit = cfg.eval.max_examples
+    splits = {"train": data.train, "test": data.test}
+    selected = {name: (split.input_ids[:limit], split.sensitive[:limit]) for name, split in splits.items()}
+
+    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
+    model.to(_device())
+    started = time.perf_counter()
+    scores = {
+        name: score_tokens(model, ids, sens, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id,
+                           desc=f"base model, {name}")
+        for name, (ids, sens) in selected.items()
+    }
+    seconds = time.perf_counter() - started
+    tokens = sum(s.num_tokens for s in scores.values())
+    base = grid(scores)
+    metrics = {
+        "model": cfg.model.name,
+        "method": cfg.train.method,
+        "examples": {name: len(ids) for name, (ids, _) in selected.items()},
+        "base": {"grid": base, "readings": readings(base)},
+        "scoring": {"seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)},
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    info(f"[bold]eval[/]  scored {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tok/s)")
+    return metrics

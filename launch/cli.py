@@ -1,0 +1,157 @@
+"""The ``privtune`` command line: thin entry points over the typed config and the stage functions.
+
+    privtune run configs/quickstart.yaml [key=value ...] [--json]
+    privtune validate CONFIG [key=value ...] [--json]
+    privtune data CONFIG [key=value ...] [--json]
+    privtune budget RUN_OR_LEDGER ... --delta D [--json]
+    privtune budget calibrate --epsilon E --delta D --sample-rate Q --steps T [--json]
+
+Every error a user can cause exits with code 2 and one line on stderr naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from privtune.launch.errors import UserError
+
+PLANNED = {
+    "train": "training as a separate stage",
+    "eval": "re-evaluating a finished run",
+    "report": "joining runs into tables and plots",
+    "sweep": "grids of runs",
+    "plan": "cluster resource planning",
+    "submit": "Slurm submission",
+    "status": "cluster job status",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default prints the whole usage block)
+        raise UserError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.method=lora data.num_examples=50")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="privtune", description="Fine-tune LLMs on private data and measure what they memorize.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_config_args(sub.add_parser("run", help="run every stage of a config (data, train, eval)"))
+    _add_config_args(sub.add_parser("validate", help="check a config and print what it resolves to"))
+    _add_config_args(sub.add_parser("data", help="prepare the data of a config (corpus, split, token masks)"))
+    budget = sub.add_parser("budget", help="compose privacy ledgers, or `budget calibrate` a noise multiplier")
+    budget.add_argument("paths", nargs="+", help="run dirs or ledger.json files (or the word calibrate)")
+    budget.add_argument("--delta", type=float, help="δ of the composed guarantee")
+    budget.add_argument("--json", action="store_true")
+    for name, what in PLANNED.items():
+        p = sub.add_parser(name, help=f"{what} (not implemented yet)")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def build_calibrate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="privtune budget calibrate", description="Noise multiplier σ for a target (ε, δ).")
+    p.add_argument("--epsilon", type=float, required=True)
+    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q")
+    p.add_argument("--steps", type=int, required=True, help="number of optimizer steps T")
+    p.add_argument("--accountant", choices=("pld", "rdp"), default="pld")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def cmd_validate(args) -> int:
+    from privtune.launch.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.json:
+        _print_json({"valid": True, "config": cfg.model_dump(mode="json")})
+    else:
+        sys.stdout.write(f"# {args.config}: valid\n{dump_config(cfg)}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from privtune.launch.config import load_config
+    from privtune.launch.pipeline import ensure_data
+    from privtune.launch.progress import set_quiet
+
+    set_quiet(args.json)
+    cfg = load_config(args.config, args.overrides)
+    run_dir, existed = ensure_data(cfg)
+    meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    if args.json:
+        _print_json({"run_dir": str(run_dir), "reused": existed, **meta})
+    else:
+        sys.stdout.write(f"data in {run_dir / 'data'}{' (reused)' if existed else ''}\n")
+        sys.stdout.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from privtune.launch.config import load_config
+    from privtune.launch.pipeline import run_pipeline
+    from privtune.launch.progress import set_quiet
+    from privtune.launch.summary import print_run_summary
+
+    set_quiet(args.json)
+    cfg = load_config(args.config, args.overrides)
+    metrics = run_pipeline(cfg)
+    if args.json:
+        _print_json({"run_dir": str(cfg.run_dir), **metrics})
+    else:
+        print_run_summary(cfg, metrics)
+    return 0
+
+
+def cmd_budget(args) -> int:
+    if args.delta is None:
+        raise UserError("privtune budget needs --delta", "add e.g. --delta 1e-6")
+    from privtune.accounting.cli import budget_command
+
+    return budget_command(args.paths, delta=args.delta, as_json=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # privtune never downloads at run time
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # `budget calibrate` takes its own flags: route them before the main parser sees them.
+        if len(argv) >= 2 and argv[0] == "budget" and argv[1] == "calibrate":
+            cal = build_calibrate_parser().parse_args(argv[2:])
+            from privtune.accounting.cli import calibrate_command
+
+            return calibrate_command(epsilon=cal.epsilon, delta=cal.delta, sample_rate=cal.sample_rate,
+                                     steps=cal.steps, accountant=cal.accountant, as_json=cal.json)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command in PLANNED:
+            raise UserError(f"`privtune {args.command}` ({PLANNED[args.command]}) is not implemented yet",
+                            "use `privtune run CONFIG` for now")
+        handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget}[args.command]
+        return handler(args)
+    except UserError as err:
+        sys.stderr.write(f"privtune: error: {err}\n")
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("privtune: interrupted; finished stages are kept, the next run resumes\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

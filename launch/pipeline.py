@@ -1,0 +1,65 @@
+"""The stage runner: ``privtune run`` = data → train → eval, each stage skipped once it finished.
+
+Owns: the order of stages and their idempotence. A run dir exists only once its data is prepared (see
+``rundir.create_run_dir``); each later stage publishes its folder atomically, so a re-run skips finished stages and
+redoes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from privtune.launch.config import RunConfig
+from privtune.launch.errors import UserError
+from privtune.launch.progress import info
+from privtune.launch.rundir import check_existing_run, create_run_dir, mark_done, stage_done, staged_dir
+
+
+def prepare_data(cfg: RunConfig, data_dir: Path) -> dict:
+    """Build the corpus, split it, tokenize with per-token sensitive masks, and save it under ``data_dir``."""
+    from privtune.corpora import build_corpus, save_prepared, split_corpus, tokenize
+    from privtune.trainers.models import load_tokenizer
+
+    corpus = build_corpus(cfg.data)
+    train, test = split_corpus(corpus, test_fraction=cfg.data.test_fraction, seed=cfg.data.seed)
+    tokenizer = load_tokenizer(cfg.model.name)
+    train_tok = tokenize(train, tokenizer, max_length=cfg.data.max_length)
+    test_tok = tokenize(test, tokenizer, max_length=cfg.data.max_length)
+    meta = {"source": corpus.source, "spans_origin": corpus.spans_origin, "tokenizer": cfg.model.name}
+    return save_prepared(data_dir, train, test, train_tok, test_tok, corpus.canaries, meta)
+
+
+def ensure_data(cfg: RunConfig) -> tuple[Path, bool]:
+    """The run dir with prepared data; (path, True) if it already existed."""
+    if check_existing_run(cfg):
+        return cfg.run_dir, True
+    info(f"[bold]data[/]  preparing {cfg.data.source} for {cfg.model.name} → {cfg.run_dir}")
+    create_run_dir(cfg, lambda tmp: prepare_data(cfg, tmp / "data"))
+    return cfg.run_dir, False
+
+
+def run_eval_stage(cfg: RunConfig, run_dir: Path) -> dict:
+    from privtune.eval.stage import evaluate_run
+
+    if stage_done(run_dir, "eval"):
+        info("[bold]eval[/]  already done, skipping")
+        return json.loads((run_dir / "eval" / "metrics.json").read_text())
+    with staged_dir(run_dir / "eval") as tmp:
+        metrics = evaluate_run(cfg, run_dir, tmp)
+        mark_done(tmp)
+    return metrics
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    started = time.perf_counter()
+    run_dir, _ = ensure_data(cfg)
+    if cfg.train.method != "none":
+        raise UserError(
+            f"train.method={cfg.train.method} is not available in this version",
+            "use train.method=none to prepare data and score the base model",
+        )
+    metrics = run_eval_stage(cfg, run_dir)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
+    return metrics

@@ -1,0 +1,83 @@
+"""What a training run releases: an HF-loadable model dir with a model card, and its cost record.
+
+Owns: ``model/`` (full weights as safetensors, or a PEFT adapter that names its base model) and
+``efficiency.json`` (wall time, tokens/s, peak memory, trainable parameters).
+
+Sensitive: the model card states the method and the (ε, δ) guarantee — or, for non-DP methods and non-private
+debug runs, says in words that there is no formal guarantee. It never claims an ε that the ledger does not back.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Guarantee:
+    epsilon: float | None
+    delta: float | None
+    accountant: str | None
+    unit: str
+    note: str
+
+    @property
+    def formal(self) -> bool:
+        return self.epsilon is not None
+
+
+def card_text(*, method: str, base_model: str, data_source: str, guarantee: Guarantee, steps: int) -> str:
+    if guarantee.formal:
+        privacy = (f"({guarantee.epsilon:.4g}, {guarantee.delta:.3g})-differentially private with respect to one "
+                   f"{guarantee.unit} of the training data (add/remove neighbours; accountant: "
+                   f"{guarantee.accountant}). {guarantee.note}")
+    else:
+        privacy = f"**No formal privacy guarantee.** {guarantee.note}"
+    return f"""---
+library_name: {"peft" if "lora" in method else "transformers"}
+base_model: {base_model}
+tags: [privtune, {method}]
+---
+# {method} fine-tune of {base_model}
+
+Trained by privtune with method `{method}` for {steps} optimizer steps on `{data_source}`.
+
+## Privacy
+{privacy}
+
+The privacy ledger (`ledger.json` in the run dir) lists every release this guarantee rests on; compose it with
+other releases using `privtune budget`.
+"""
+
+
+def save_model_dir(out: Path, model, tokenizer, *, method: str, base_model: str, data_source: str,
+                   guarantee: Guarantee, steps: int) -> None:
+    """Write the releasable model into ``out`` (a temporary dir the caller renames)."""
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(card_text(method=method, base_model=base_model, data_source=data_source,
+                                             guarantee=guarantee, steps=steps))
+    (out / "privtune.json").write_text(json.dumps({"method": method, "base_model": base_model, "steps": steps,
+                                                   "guarantee": asdict(guarantee)}, indent=2, sort_keys=True))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def trainable_parameter_count(model) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
