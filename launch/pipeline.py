@@ -31,10 +31,21 @@ def prepare_data(cfg: RunConfig, data_dir: Path) -> dict:
     return save_prepared(data_dir, train, test, train_tok, test_tok, corpus.canaries, meta)
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Cheap checks of everything a run needs, so bad input fails before any work starts."""
+    from privtune.trainers.models import resolve_model_source
+
+    resolve_model_source(cfg.model.name)
+    if cfg.data.source not in ("customersim", "synbio") and not Path(cfg.data.source).expanduser().exists():
+        raise UserError(f"data source {cfg.data.source} does not exist",
+                        "set data.source to a .jsonl or .csv file, a `datasets` directory, customersim or synbio")
+
+
 def ensure_data(cfg: RunConfig) -> tuple[Path, bool]:
     """The run dir with prepared data; (path, True) if it already existed."""
     if check_existing_run(cfg):
         return cfg.run_dir, True
+    preflight(cfg)
     info(f"[bold]data[/]  preparing {cfg.data.source} for {cfg.model.name} → {cfg.run_dir}")
     create_run_dir(cfg, lambda tmp: prepare_data(cfg, tmp / "data"))
     return cfg.run_dir, False
