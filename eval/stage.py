@@ -23,7 +23,7 @@ def _device() -> torch.device:
 
 def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict:
     from privtune.corpora import load_prepared
-    from privtune.trainers.models import load_model
+    from privtune.trainers.models import load_model, load_trained
 
     data = load_prepared(run_dir / "data")
     if cfg.performance.num_threads:
@@ -32,24 +32,40 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict:
     splits = {"train": data.train, "test": data.test}
     selected = {name: (split.input_ids[:limit], split.sensitive[:limit]) for name, split in splits.items()}
 
-    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
-    model.to(_device())
-    started = time.perf_counter()
-    scores = {
-        name: score_tokens(model, ids, sens, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id,
-                           desc=f"base model, {name}")
-        for name, (ids, sens) in selected.items()
-    }
-    seconds = time.perf_counter() - started
-    tokens = sum(s.num_tokens for s in scores.values())
-    base = grid(scores)
     metrics = {
         "model": cfg.model.name,
         "method": cfg.train.method,
         "examples": {name: len(ids) for name, (ids, _) in selected.items()},
-        "base": {"grid": base, "readings": readings(base)},
-        "scoring": {"seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)},
     }
+    scored_tokens, scoring_seconds = 0, 0.0
+    models = []
+    if cfg.eval.base_model or cfg.train.method == "none":
+        models.append(("base", lambda: load_model(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)))
+    if (run_dir / "model" / "COMPLETED").exists():
+        models.append(("trained", lambda: load_trained(run_dir / "model", dtype=cfg.model.dtype, seed=cfg.seed)))
+    for label, load in models:
+        model, tokenizer = load()
+        model.to(_device())
+        started = time.perf_counter()
+        scores = {
+            name: score_tokens(model, ids, sens, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id,
+                               desc=f"{label} model, {name}")
+            for name, (ids, sens) in selected.items()
+        }
+        scoring_seconds += time.perf_counter() - started
+        scored_tokens += sum(s.num_tokens for s in scores.values())
+        metrics[label] = {"grid": grid(scores)}
+        del model
+    base_grid = metrics.get("base", {}).get("grid")
+    for label in ("base", "trained"):
+        if label in metrics:
+            metrics[label]["readings"] = readings(metrics[label]["grid"], base_grid if label == "trained" else None)
+    efficiency = run_dir / "model" / "efficiency.json"
+    if efficiency.exists():
+        metrics["cost"] = json.loads(efficiency.read_text())
+        metrics["guarantee"] = json.loads((run_dir / "model" / "privtune.json").read_text())["guarantee"]
+    seconds, tokens = scoring_seconds, scored_tokens
+    metrics["scoring"] = {"seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     info(f"[bold]eval[/]  scored {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tok/s)")
     return metrics

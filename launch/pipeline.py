@@ -63,14 +63,24 @@ def run_eval_stage(cfg: RunConfig, run_dir: Path) -> dict:
     return metrics
 
 
+def run_train_stage(cfg: RunConfig, run_dir: Path) -> None:
+    """Train and publish ``model/`` (with ``efficiency.json``); resumes from the newest checkpoint."""
+    from privtune.trainers.recipe import run_training
+
+    if cfg.train.method == "none" or stage_done(run_dir, "model"):
+        if cfg.train.method != "none":
+            info("[bold]train[/]  already done, skipping")
+        return
+    info(f"[bold]train[/]  {cfg.train.method} on {cfg.model.name}")
+    with staged_dir(run_dir / "model") as tmp:
+        stats = run_training(cfg, run_dir, tmp)
+        mark_done(tmp, {"steps": stats["steps"]})
+
+
 def run_pipeline(cfg: RunConfig) -> dict:
     started = time.perf_counter()
     run_dir, _ = ensure_data(cfg)
-    if cfg.train.method != "none":
-        raise UserError(
-            f"train.method={cfg.train.method} is not available in this version",
-            "use train.method=none to prepare data and score the base model",
-        )
+    run_train_stage(cfg, run_dir)
     metrics = run_eval_stage(cfg, run_dir)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     return metrics

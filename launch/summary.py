@@ -9,16 +9,28 @@ from privtune.launch.config import RunConfig
 
 
 def print_run_summary(cfg: RunConfig, metrics: dict) -> None:
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=110)
     console.print()
     ex = metrics["examples"]
-    title = f"{cfg.model.name} (base) on {cfg.data.source}: per-token NLL (greedy hit rate), {ex['train']} train / {ex['test']} test examples"
-    console.print(render_grid(title, metrics["base"]["grid"]))
-    r = metrics["base"]["readings"]
-    console.print(
-        f"privacy: train-sensitive NLL {r['privacy_train_sensitive_nll']:.3f}, "
-        f"test−train sensitive gap {r['privacy_train_test_gap']:+.3f}    "
-        f"utility: test non-sensitive NLL {r['utility_test_nonsensitive_nll']:.3f} "
-        f"(ppl {r['utility_test_nonsensitive_ppl']:.1f})"
-    )
+    for label in ("base", "trained"):
+        if label not in metrics:
+            continue
+        who = f"{cfg.model.name} (base)" if label == "base" else f"{cfg.model.name} + {cfg.train.method}"
+        title = f"{who} on {cfg.data.source}: per-token NLL (greedy hit rate), {ex['train']} train / {ex['test']} test examples"
+        console.print(render_grid(title, metrics[label]["grid"]))
+        r = metrics[label]["readings"]
+        gain = r.get("privacy_gain_over_base")
+        console.print(
+            f"privacy: train-sensitive NLL {r['privacy_train_sensitive_nll']:.3f}"
+            + (f" (drop from base {gain:+.3f})" if gain is not None else "")
+            + f", test−train sensitive gap {r['privacy_train_test_gap']:+.3f}    "
+            f"utility: test non-sensitive NLL {r['utility_test_nonsensitive_nll']:.3f} "
+            f"(ppl {r['utility_test_nonsensitive_ppl']:.1f})"
+        )
+    g = metrics.get("guarantee")
+    if g is not None:
+        eps = f"ε = {g['epsilon']:.3f} at δ = {g['delta']:.2g}" if g["epsilon"] is not None else "no formal guarantee"
+        cost = metrics["cost"]
+        console.print(f"privacy guarantee: {eps}    cost: {cost['wall_seconds']:.0f} s, "
+                      f"{cost['tokens_per_second']:.0f} tok/s, {cost['trainable_parameters']:,} trainable parameters")
     console.print(f"run dir: {cfg.run_dir}   ({metrics['wall_seconds']:.0f} s)   metrics: {cfg.run_dir / 'eval' / 'metrics.json'}")

@@ -14,6 +14,7 @@ Owns: turning ``model.name`` into a (model, tokenizer) pair without touching the
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -183,3 +184,18 @@ def load_model(name: str, *, dtype: str = "float32", seed: int = 0):
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], local_files_only=True)
     return model, load_tokenizer(name)
+
+
+def load_trained(model_dir: Path, *, dtype: str = "float32", seed: int = 0):
+    """Load a run's ``model/`` dir: full weights, or the base model plus the PEFT adapter it names."""
+    meta = json.loads((model_dir / "privtune.json").read_text())
+    if (model_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base, tokenizer = load_model(meta["base_model"], dtype=dtype, seed=seed)
+        model = PeftModel.from_pretrained(base, str(model_dir), is_trainable=False)
+        return model, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[dtype], local_files_only=True)
+    return model, AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

@@ -1,0 +1,287 @@
+"""The fine-tuning recipe: full | lora | dp | dp-lora in one loop that reads top to bottom.
+
+    privtune run configs/paper_a/cpu/dp-lora.yaml                      # one process
+    torchrun --nproc_per_node 2 -m privtune run CONFIG                 # data parallel (gloo on CPU, NCCL on GPU)
+
+``setup`` loads data, model, optimizer, the DP engine, sampler, accountant and ledger, and resumes from the newest
+complete checkpoint; ``train`` runs logical steps; ``save_checkpoint`` and ``save_model`` write the run dir;
+``cleanup`` tears down. Each logical step is:
+
+- non-private (full, lora): a shuffled fixed-size batch; mean of per-example losses; gradients summed over ranks.
+- DP (dp, dp-lora): a Poisson sample of units; per-unit clipped gradients summed by the DP engine (one backward
+  per micro-batch); sums all-reduced over ranks; Gaussian noise σ·C added once, on rank 0, and broadcast; the
+  noisy sum divided by the expected batch size q·N; the optimizer steps; the ledger counts the step.
+
+Privacy unit: one example, or one user (``privacy.unit=group``, ``data.group_by``). Sensitive: the training data,
+which batches were drawn, the per-unit norms (logged only as aggregates).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from privtune.launch.config import RunConfig
+from privtune.launch.errors import UserError
+from privtune.launch.progress import info, progress
+from privtune.trainers.batches import ShuffledBatches, collate
+from privtune.trainers.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, \
+    save_checkpoint, set_rng_state
+from privtune.trainers.output import Guarantee, peak_memory_bytes, save_model_dir, trainable_parameter_count
+
+STAGE = "train"
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived: a checkpoint was written, the run resumes when started again."""
+
+
+class FineTuneRecipe:
+    def __init__(self, cfg: RunConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.is_dp = cfg.is_dp
+        self.stop_signal: int | None = None
+
+    # ---------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate import PartialState
+
+        from privtune.corpora import load_prepared
+        from privtune.trainers.lora import prepare_trainable
+        from privtune.trainers.models import load_model
+
+        cfg = self.cfg
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.device = self.state.device
+        if cfg.performance.num_threads:
+            torch.set_num_threads(cfg.performance.num_threads)
+        torch.manual_seed(cfg.seed + self.rank)
+
+        self.train_data = load_prepared(self.run_dir / "data").train
+        model, self.tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
+        self.model, self.trainable = prepare_trainable(model, cfg.train.method, cfg.train.lora)
+        self.model.to(self.device)
+        self.model.train()
+        self.num_trainable = trainable_parameter_count(self.model)
+        self.optimizer = self._optimizer()
+        warmup = cfg.train.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=cfg.performance.precision == "bf16")
+        if self.is_dp:
+            self._setup_dp()
+        else:
+            from privtune.trainers.plan import training_steps
+
+            n = len(self.train_data)
+            self.total_steps = training_steps(self.cfg, n)
+            self.batches = ShuffledBatches(n, batch_size=cfg.train.batch_size, seed=cfg.seed,
+                                           micro_batch_size=cfg.performance.micro_batch_size,
+                                           world_size=self.world, rank=self.rank)
+            self.ledger = None
+        self.step = 0
+        self._resume()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        if t.optimizer == "adamw":
+            return torch.optim.AdamW(self.trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+        return torch.optim.SGD(self.trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+    def _setup_dp(self) -> None:
+        from privtune.accounting.ledger import Ledger
+        from privtune.trainers.dp import DPEngine, PoissonBatchSampler
+        from privtune.trainers.plan import resolve_plan
+
+        cfg, data = self.cfg, self.train_data
+        unit_rows = None
+        if cfg.privacy.unit == "group":
+            groups: dict[str, list[int]] = {}
+            for i, example in enumerate(data):
+                groups.setdefault(str(example.group), []).append(i)
+            unit_rows = list(groups.values())
+        num_units = len(unit_rows) if unit_rows is not None else len(data)
+        self.plan = resolve_plan(cfg, num_units)
+        self.total_steps = self.plan.steps
+        self.engine = DPEngine(self.model, trainable=self.trainable, clip_norm=self.plan.clip_norm,
+                               clipping=self.plan.clipping)
+        self.sampler = PoissonBatchSampler(num_units, sample_rate=self.plan.sample_rate, steps=self.plan.steps,
+                                           seed=cfg.seed, micro_batch_size=cfg.performance.micro_batch_size,
+                                           unit_rows=unit_rows, world_size=self.world, rank=self.rank)
+        self.ledger = Ledger.open(self.run_dir, privacy_unit=cfg.privacy.unit, dataset_size=num_units,
+                                  group_by=cfg.data.group_by, dataset=cfg.data.source) if self.rank == 0 else None
+        if self.rank == 0:
+            info(self.plan.describe(self.num_trainable))
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return
+        extra, rngs = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step = extra["step"]
+        set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        if self.ledger is not None:
+            self.ledger.rewind(extra["ledger"], stage=STAGE, run_id=self.cfg.name)
+        info(f"[bold]train[/]  resumed from {ckpt.name}")
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum  # acted on at the end of the current step: a checkpoint, then exit
+
+    # ---------------------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        started, tokens = time.perf_counter(), 0
+        first_step = self.step
+        every = self.cfg.train.checkpoint_every
+        with progress(total=self.total_steps - first_step, desc=f"train {self.cfg.train.method}", unit="steps") as bar:
+            while self.step < self.total_steps:
+                tokens += self._dp_step() if self.is_dp else self._plain_step()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self._count_step()
+                bar.update(1)
+                if self.stop_signal is not None or (every and self.step % every == 0):
+                    self.save_checkpoint()
+                if self.stop_signal is not None:
+                    raise Preempted(f"signal {self.stop_signal} at step {self.step}")
+        seconds = time.perf_counter() - started
+        return {"steps": self.step - first_step, "seconds": seconds, "tokens": tokens * self.world}
+
+    def _inputs(self, rows: list[int]):
+        return collate(rows, self.train_data.input_ids, pad_id=self.tokenizer.pad_token_id).to(self.device)
+
+    def _plain_step(self) -> int:
+        from privtune.trainers.dp import per_example_loss
+
+        tokens = 0
+        batch_size = self.batches.batch_size
+        for rows in self.batches.micro_batches(self.step):
+            inputs = self._inputs(rows)
+            with self.autocast:
+                logits = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
+            # Same objective as the DP methods: the mean over the batch of each example's mean token loss.
+            (per_example_loss(logits.float(), inputs.labels).sum() / batch_size).backward()
+            tokens += inputs.num_tokens
+        if self.world > 1:
+            for p in self.trainable:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+        return tokens
+
+    def _dp_step(self) -> int:
+        from privtune.trainers.dp import add_noise, noise_source, normalize, per_example_loss
+
+        batch = self.sampler.batch(self.step)
+        tokens = 0
+        for micro in batch.micro_batches:
+            inputs = self._inputs(micro.rows.tolist())
+            with self.engine.micro_batch(micro.unit_ids.to(self.device)):
+                with self.autocast:
+                    logits = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
+                self.engine.backward(per_example_loss(logits.float(), inputs.labels))
+            tokens += inputs.num_tokens
+        clipped = self.engine.pop_clipped_sum().grads
+        if self.world > 1:
+            for tensor in clipped.values():
+                dist.all_reduce(tensor)
+        if self.rank == 0:
+            source = noise_source(seed=self.cfg.seed, step=self.step, rank=0, secure=self.cfg.privacy.secure_rng)
+            # privacy-critical: noise std σ·C, added once per logical step to the sum over all ranks
+            clipped = add_noise(clipped, noise_multiplier=self.plan.noise_multiplier, clip_norm=self.plan.clip_norm,
+                                generator=source)
+        if self.world > 1:
+            for tensor in clipped.values():
+                dist.broadcast(tensor, src=0)
+        self.engine.set_grads(normalize(clipped, expected_batch_size=self.plan.expected_batch_size))
+        return tokens
+
+    def _count_step(self) -> None:
+        """The ledger counts optimizer steps, one per logical step, never micro-batches."""
+        if self.ledger is None:
+            return
+        self.ledger.record_training(self._event(self.step), stage=STAGE, run_id=self.cfg.name,
+                                    note=f"{self.cfg.train.method} on {self.cfg.data.source}")
+
+    def _event(self, steps: int):
+        from privtune.accounting.events import NonPrivateEvent, PoissonGaussianEvent
+
+        if not self.plan.formal:
+            return NonPrivateEvent(reason=f"non-private debug run (sigma={self.plan.noise_multiplier})", steps=steps)
+        return PoissonGaussianEvent(sample_rate=self.plan.sample_rate, noise_multiplier=self.plan.noise_multiplier,
+                                    steps=steps)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        rngs = [rng_state()]
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if self.rank == 0:
+            extra = {"ledger": self.ledger.state_dict() if self.ledger is not None else None}
+            save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, extra=extra, rank_rng=rngs)
+            prune_checkpoints(self.run_dir)
+        if self.world > 1:
+            dist.barrier()
+
+    def guarantee(self) -> Guarantee:
+        if not self.is_dp:
+            return Guarantee(None, None, None, "example", f"Method {self.cfg.train.method} adds no noise.")
+        if not self.plan.formal:
+            return Guarantee(None, self.plan.delta, None, self.plan.unit,
+                             "Non-private debug run of a DP method: no ε is claimed.")
+        return Guarantee(self.plan.epsilon, self.plan.delta, self.plan.accountant, self.plan.unit,
+                         f"DP-SGD with Poisson sampling q={self.plan.sample_rate:.6g}, σ={self.plan.noise_multiplier:.6g}, "
+                         f"C={self.plan.clip_norm:g}, T={self.plan.steps}.")
+
+    def save_model(self, out: Path, stats: dict) -> None:
+        """Write model/ and efficiency.json into ``out`` (rank 0)."""
+        if self.ledger is not None:
+            self.ledger.close_training(stage=STAGE, run_id=self.cfg.name)
+        save_model_dir(out, self.model, self.tokenizer, method=self.cfg.train.method, base_model=self.cfg.model.name,
+                       data_source=self.cfg.data.source, guarantee=self.guarantee(), steps=self.step)
+        seconds = stats["seconds"]
+        efficiency = {
+            "method": self.cfg.train.method,
+            "steps": stats["steps"],
+            "wall_seconds": round(seconds, 3),
+            "tokens": stats["tokens"],
+            "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 2),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "trainable_parameters": self.num_trainable,
+            "world_size": self.world,
+            "device": str(self.device),
+        }
+        if self.is_dp:
+            efficiency["dp_plan"] = self.plan.to_dict()
+        (out / "efficiency.json").write_text(json.dumps(efficiency, indent=2, sort_keys=True) + "\n")
+
+    def cleanup(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def run_training(cfg: RunConfig, run_dir: Path, out: Path) -> dict:
+    """The train stage: build the recipe, train, write the model into ``out`` (renamed to model/ by the caller)."""
+    if cfg.train.method == "none":
+        raise UserError("train.method=none has nothing to train", "choose full, lora, dp or dp-lora")
+    recipe = FineTuneRecipe(cfg, run_dir)
+    recipe.setup()
+    try:
+        stats = recipe.train()
+        if recipe.rank == 0:
+            recipe.save_model(out, stats)
+        return stats
+    finally:
+        recipe.cleanup()
