@@ -5,6 +5,7 @@ Owns: loading the prepared splits, choosing which examples to score, and writing
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -15,10 +16,20 @@ from privtune.eval.grid import grid, readings
 from privtune.eval.scoring import score_tokens
 from privtune.launch.config import RunConfig
 from privtune.launch.progress import info
+from privtune.launch.rundir import atomic_write_json
 
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _base_cache_path(cfg: RunConfig, run_dir: Path) -> Path:
+    """Base-model scores depend only on the model, the tokenized data and which examples are scored."""
+    digest = hashlib.sha256()
+    digest.update(f"{cfg.model.name}|{cfg.model.dtype}|{cfg.eval.max_examples}|".encode())
+    for split in ("train", "test"):
+        digest.update((run_dir / "data" / f"tokens.{split}.jsonl").read_bytes())
+    return Path(cfg.output_dir) / ".cache" / f"base-grid-{digest.hexdigest()[:20]}.json"
 
 
 def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict:
@@ -44,6 +55,11 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict:
     if (run_dir / "model" / "COMPLETED").exists():
         models.append(("trained", lambda: load_trained(run_dir / "model", dtype=cfg.model.dtype, seed=cfg.seed)))
     for label, load in models:
+        cache = _base_cache_path(cfg, run_dir) if label == "base" else None
+        if cache is not None and cache.exists():
+            metrics[label] = {"grid": json.loads(cache.read_text())}
+            info("[bold]eval[/]  base model scores reused from the cache")
+            continue
         model, tokenizer = load()
         model.to(_device())
         started = time.perf_counter()
@@ -55,6 +71,8 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict:
         scoring_seconds += time.perf_counter() - started
         scored_tokens += sum(s.num_tokens for s in scores.values())
         metrics[label] = {"grid": grid(scores)}
+        if cache is not None:
+            atomic_write_json(cache, metrics[label]["grid"])
         del model
     base_grid = metrics.get("base", {}).get("grid")
     for label in ("base", "trained"):

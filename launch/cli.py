@@ -22,7 +22,6 @@ PLANNED = {
     "train": "training as a separate stage",
     "eval": "re-evaluating a finished run",
     "report": "joining runs into tables and plots",
-    "sweep": "grids of runs",
     "plan": "cluster resource planning",
     "submit": "Slurm submission",
     "status": "cluster job status",
@@ -45,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_config_args(sub.add_parser("run", help="run every stage of a config (data, train, eval)"))
     _add_config_args(sub.add_parser("validate", help="check a config and print what it resolves to"))
+    _add_config_args(sub.add_parser("sweep", help="run every combination of a config's grid, then compare them"))
     _add_config_args(sub.add_parser("data", help="prepare the data of a config (corpus, split, token masks)"))
     budget = sub.add_parser("budget", help="compose privacy ledgers, or `budget calibrate` a noise multiplier")
     budget.add_argument("paths", nargs="+", help="run dirs or ledger.json files (or the word calibrate)")
@@ -72,13 +72,15 @@ def _print_json(obj) -> None:
 
 
 def cmd_validate(args) -> int:
-    from privtune.launch.config import dump_config, load_config
+    from privtune.launch.config import dump_config
+    from privtune.launch.sweep import load_sweep
 
-    cfg = load_config(args.config, args.overrides)
+    _, runs = load_sweep(args.config, args.overrides)
     if args.json:
-        _print_json({"valid": True, "config": cfg.model_dump(mode="json")})
+        _print_json({"valid": True, "runs": [cfg.model_dump(mode="json") for cfg in runs]})
     else:
-        sys.stdout.write(f"# {args.config}: valid\n{dump_config(cfg)}")
+        for cfg in runs:
+            sys.stdout.write(f"# {args.config}: valid, run {cfg.name}\n{dump_config(cfg)}")
     return 0
 
 
@@ -104,7 +106,10 @@ def cmd_run(args) -> int:
     from privtune.launch.pipeline import run_pipeline
     from privtune.launch.progress import set_quiet
     from privtune.launch.summary import print_run_summary
+    from privtune.launch.sweep import has_grid
 
+    if has_grid(args.config):  # a config with a grid is a comparison: run it as a sweep
+        return cmd_sweep(args)
     set_quiet(args.json)
     cfg = load_config(args.config, args.overrides)
     metrics = run_pipeline(cfg)
@@ -112,6 +117,32 @@ def cmd_run(args) -> int:
         _print_json({"run_dir": str(cfg.run_dir), **metrics})
     else:
         print_run_summary(cfg, metrics)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from rich.console import Console
+
+    from privtune.launch.pipeline import run_pipeline
+    from privtune.launch.progress import info, set_quiet
+    from privtune.launch.sweep import comparison_rows, load_sweep, render_comparison
+
+    set_quiet(args.json)
+    name, runs = load_sweep(args.config, args.overrides)
+    results = []
+    for i, cfg in enumerate(runs, 1):
+        info(f"[bold]sweep[/]  run {i}/{len(runs)}: {cfg.name}")
+        results.append((cfg, run_pipeline(cfg)))
+    rows = comparison_rows(results)
+    if args.json:
+        _print_json({"sweep": name, "runs": rows})
+        return 0
+    base = results[0][1].get("base", {}).get("grid") if results else None
+    console = Console(highlight=False, width=140)
+    console.print()
+    console.print(render_comparison(f"{name}: per-token NLL on the 2×2 grid, privacy and cost per method", rows, base))
+    console.print("Lower train-sensitive NLL = more memorized; 'memorized' is its drop from the base model. "
+                  f"Run dirs: {runs[0].output_dir}/{name}-*")
     return 0
 
 
@@ -143,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in PLANNED:
             raise UserError(f"`privtune {args.command}` ({PLANNED[args.command]}) is not implemented yet",
                             "use `privtune run CONFIG` for now")
-        handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget}[args.command]
+        handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget, "sweep": cmd_sweep}[args.command]
         return handler(args)
     except UserError as err:
         sys.stderr.write(f"privtune: error: {err}\n")

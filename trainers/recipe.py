@@ -32,7 +32,7 @@ from privtune.launch.progress import info, progress
 from privtune.trainers.batches import ShuffledBatches, collate
 from privtune.trainers.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, \
     save_checkpoint, set_rng_state
-from privtune.trainers.output import Guarantee, peak_memory_bytes, save_model_dir, trainable_parameter_count
+from privtune.trainers.output import Guarantee, PeakMemory, save_model_dir, trainable_parameter_count
 
 STAGE = "train"
 
@@ -140,7 +140,8 @@ class FineTuneRecipe:
         started, tokens = time.perf_counter(), 0
         first_step = self.step
         every = self.cfg.train.checkpoint_every
-        with progress(total=self.total_steps - first_step, desc=f"train {self.cfg.train.method}", unit="steps") as bar:
+        with PeakMemory(self.device) as memory, \
+                progress(total=self.total_steps - first_step, desc=f"train {self.cfg.train.method}", unit="steps") as bar:
             while self.step < self.total_steps:
                 tokens += self._dp_step() if self.is_dp else self._plain_step()
                 self.optimizer.step()
@@ -154,7 +155,8 @@ class FineTuneRecipe:
                 if self.stop_signal is not None:
                     raise Preempted(f"signal {self.stop_signal} at step {self.step}")
         seconds = time.perf_counter() - started
-        return {"steps": self.step - first_step, "seconds": seconds, "tokens": tokens * self.world}
+        return {"steps": self.step - first_step, "seconds": seconds, "tokens": tokens * self.world,
+                "peak_memory_bytes": memory.peak}
 
     def _inputs(self, rows: list[int]):
         return collate(rows, self.train_data.input_ids, pad_id=self.tokenizer.pad_token_id).to(self.device)
@@ -258,7 +260,7 @@ class FineTuneRecipe:
             "wall_seconds": round(seconds, 3),
             "tokens": stats["tokens"],
             "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 2),
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_bytes": stats["peak_memory_bytes"],
             "trainable_parameters": self.num_trainable,
             "world_size": self.world,
             "device": str(self.device),

@@ -134,11 +134,13 @@ def test_run_end_to_end_on_a_tiny_model(workdir, capsys):
 
 def test_validate_json(capsys):
     code, out, _ = run_cli(capsys, "validate", str(REPO / "configs" / "quickstart.yaml"), "--json")
-    assert code == 0 and json.loads(out)["config"]["model"]["name"] == "smollm2-135m"
+    runs = json.loads(out)["runs"]
+    assert code == 0 and [r["train"]["method"] for r in runs] == ["full", "lora", "dp", "dp-lora"]
+    assert all(r["model"]["name"] == "smollm2-135m" for r in runs)
 
 
 def test_not_yet_implemented_commands_say_so(capsys):
-    code, _, err = run_cli(capsys, "sweep", "grid.yaml")
+    code, _, err = run_cli(capsys, "report", "runs/x")
     assert_one_line_error(code, err, "not implemented yet")
 
 

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from privtune.launch.config import PrivacyConfig, RunConfig, apply_overrides, load_config
 from privtune.launch.errors import UserError
+from privtune.launch.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
@@ -18,8 +19,8 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_validates(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, RunConfig)
+    _, runs = load_sweep(path)  # a plain config is a sweep of one run
+    assert runs and all(isinstance(cfg, RunConfig) for cfg in runs)
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# privtune "), "a shipped config's header shows the exact command that runs it"
     assert path.name in first_line or str(path.relative_to(REPO)) in first_line

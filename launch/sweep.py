@@ -1,0 +1,101 @@
+"""Sweeps: one YAML = a run config plus a ``grid`` of dotted keys to lists; every combination is one run.
+
+    privtune sweep configs/quickstart.yaml
+
+Owns: expanding the grid into validated run configs (named ``<name>-<value>-...``), running them in sequence
+(finished runs are skipped by the stage runner), and the comparison table printed at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import yaml
+
+from privtune.launch.config import RunConfig, apply_overrides, config_from_dict, load_config
+from privtune.launch.errors import UserError
+
+
+def _slug(value) -> str:
+    return str(value).replace("/", "_").replace(" ", "")
+
+
+def has_grid(path: str | Path) -> bool:
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # load_config reports the problem
+    return isinstance(tree, dict) and "grid" in tree
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[str, list[RunConfig]]:
+    """(sweep name, one RunConfig per grid combination). A file without ``grid`` is a sweep of one run."""
+    path = Path(path)
+    if not has_grid(path):
+        return (cfg := load_config(path, overrides)).name, [cfg]
+    tree = yaml.safe_load(path.read_text())
+    grid = tree.pop("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UserError(f"{path}: grid must map dotted keys to non-empty lists", "e.g. grid: {train.method: [full, lora]}")
+    tree = apply_overrides(tree, overrides or [])
+    base = config_from_dict(tree, origin=str(path))
+    runs = []
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        combo = dict(zip(keys, values, strict=True))
+        run_tree = apply_overrides(base.model_dump(mode="json"), [f"{k}={yaml.safe_dump(v).strip()}" for k, v in combo.items()])
+        suffix = "-".join(_slug(v) for v in values)
+        run_tree["name"] = f"{base.name}-{suffix}" if suffix else base.name
+        runs.append(config_from_dict(run_tree, origin=f"{path} (grid {combo})"))
+    return base.name, runs
+
+
+def comparison_rows(results: list[tuple[RunConfig, dict]]) -> list[dict]:
+    rows = []
+    for cfg, metrics in results:
+        model = metrics.get("trained") or metrics["base"]
+        grid, r = model["grid"], model["readings"]
+        guarantee = metrics.get("guarantee") or {}
+        cost = metrics.get("cost") or {}
+        rows.append({
+            "run": cfg.name,
+            "method": cfg.train.method,
+            "train_sensitive_nll": grid["train_sensitive"]["nll_mean"],
+            "train_nonsensitive_nll": grid["train_nonsensitive"]["nll_mean"],
+            "test_sensitive_nll": grid["test_sensitive"]["nll_mean"],
+            "test_nonsensitive_nll": grid["test_nonsensitive"]["nll_mean"],
+            "gain_over_base": r.get("privacy_gain_over_base"),
+            "train_test_gap": r["privacy_train_test_gap"],
+            "epsilon": guarantee.get("epsilon"),
+            "delta": guarantee.get("delta"),
+            "train_seconds": cost.get("wall_seconds"),
+            "tokens_per_second": cost.get("tokens_per_second"),
+            "peak_memory_mb": round(cost["peak_memory_bytes"] / 2**20) if cost else None,
+            "trainable_parameters": cost.get("trainable_parameters"),
+        })
+    return rows
+
+
+def render_comparison(title: str, rows: list[dict], base_grid: dict | None):
+    from rich.table import Table
+
+    def f(x, fmt="{:.3f}"):
+        return "—" if x is None else fmt.format(x)
+
+    table = Table(title=title)
+    for col, justify in [("method", "left"), ("train sens", "right"), ("train non-s", "right"), ("test sens", "right"),
+                         ("test non-s", "right"), ("memorized (base−train sens)", "right"), ("ε", "right"),
+                         ("train s", "right"), ("tok/s", "right"), ("peak MB", "right"), ("trainable", "right")]:
+        table.add_column(col, justify=justify)
+    if base_grid is not None:
+        table.add_row("base model", *(f(base_grid[c]["nll_mean"]) for c in
+                      ("train_sensitive", "train_nonsensitive", "test_sensitive", "test_nonsensitive")),
+                      "0.000", "—", "—", "—", "—", "—")
+    for row in rows:
+        table.add_row(row["method"], f(row["train_sensitive_nll"]), f(row["train_nonsensitive_nll"]),
+                      f(row["test_sensitive_nll"]), f(row["test_nonsensitive_nll"]), f(row["gain_over_base"], "{:+.3f}"),
+                      f(row["epsilon"], "{:.2f}") if row["method"] in ("dp", "dp-lora") else "∞",
+                      f(row["train_seconds"], "{:.0f}"), f(row["tokens_per_second"], "{:.0f}"),
+                      f(row["peak_memory_mb"], "{:,}"), f(row["trainable_parameters"], "{:,}"))
+    return table
