@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import contextlib
 import os
+import shutil
 import sys
 
 from privtune.launch.errors import UserError
@@ -67,8 +69,11 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
     return p
 
 
+_JSON_OUT = None  # the real stdout while a --json command runs with stdout redirected to stderr
+
+
 def _print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    (_JSON_OUT or sys.stdout).write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def cmd_validate(args) -> int:
@@ -113,6 +118,8 @@ def cmd_run(args) -> int:
     set_quiet(args.json)
     cfg = load_config(args.config, args.overrides)
     metrics = run_pipeline(cfg)
+    if "rank" in metrics:  # a non-main rank of a distributed run: rank 0 prints the results
+        return 0
     if args.json:
         _print_json({"run_dir": str(cfg.run_dir), **metrics})
     else:
@@ -157,6 +164,8 @@ def cmd_budget(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # privtune never downloads at run time
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if shutil.which("nvidia-smi") is None:  # else DeepSpeed's import warns on *stdout*, corrupting --json
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     argv = sys.argv[1:] if argv is None else argv
     try:
         # `budget calibrate` takes its own flags: route them before the main parser sees them.
@@ -175,10 +184,27 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"`privtune {args.command}` ({PLANNED[args.command]}) is not implemented yet",
                             "use `privtune run CONFIG` for now")
         handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget, "sweep": cmd_sweep}[args.command]
-        return handler(args)
+        if not getattr(args, "json", False) or args.command in ("budget", "validate"):
+            return handler(args)
+        # --json: stdout carries exactly one JSON document; anything a library prints goes to stderr.
+        real_stdout = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            global _JSON_OUT
+            _JSON_OUT = real_stdout
+            try:
+                return handler(args)
+            finally:
+                _JSON_OUT = None
     except UserError as err:
         sys.stderr.write(f"privtune: error: {err}\n")
         return err.exit_code
+    except Exception as err:
+        from privtune.trainers.recipe import Preempted
+
+        if not isinstance(err, Preempted):
+            raise
+        sys.stderr.write(f"privtune: stopped by {err.args[0]}; a checkpoint was written: run the same command to resume\n")
+        return 128 + err.signum
     except KeyboardInterrupt:
         sys.stderr.write("privtune: interrupted; finished stages are kept, the next run resumes\n")
         return 130

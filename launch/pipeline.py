@@ -8,6 +8,8 @@ redoes an interrupted one.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,15 +74,39 @@ def run_train_stage(cfg: RunConfig, run_dir: Path) -> None:
             info("[bold]train[/]  already done, skipping")
         return
     info(f"[bold]train[/]  {cfg.train.method} on {cfg.model.name}")
-    with staged_dir(run_dir / "model") as tmp:
-        stats = run_training(cfg, run_dir, tmp)
-        mark_done(tmp, {"steps": stats["steps"]})
+    state = _distributed()
+    if state is None or state.is_main_process:
+        with staged_dir(run_dir / "model") as tmp:
+            stats = run_training(cfg, run_dir, tmp)
+            mark_done(tmp, {"steps": stats["steps"]})
+    else:  # other ranks train alongside; only the main process publishes the model
+        with tempfile.TemporaryDirectory() as tmp:
+            run_training(cfg, run_dir, Path(tmp))
+    if state is not None:
+        state.wait_for_everyone()
+
+
+def _distributed():
+    """accelerate's process state when launched with several processes (torchrun, srun), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
     started = time.perf_counter()
-    run_dir, _ = ensure_data(cfg)
+    state = _distributed()
+    if state is None:
+        run_dir, _ = ensure_data(cfg)
+    else:
+        with state.main_process_first():  # rank 0 prepares the data, the others then find it
+            run_dir, _ = ensure_data(cfg)
     run_train_stage(cfg, run_dir)
+    if state is not None and not state.is_main_process:
+        return {"rank": state.process_index}
     metrics = run_eval_stage(cfg, run_dir)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     return metrics

@@ -40,6 +40,10 @@ STAGE = "train"
 class Preempted(Exception):
     """SIGTERM or SIGUSR1 arrived: a checkpoint was written, the run resumes when started again."""
 
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
 
 class FineTuneRecipe:
     def __init__(self, cfg: RunConfig, run_dir: Path):
@@ -84,7 +88,7 @@ class FineTuneRecipe:
             self.batches = ShuffledBatches(n, batch_size=cfg.train.batch_size, seed=cfg.seed,
                                            micro_batch_size=cfg.performance.micro_batch_size,
                                            world_size=self.world, rank=self.rank)
-            self.ledger = None
+            self.ledger = self._open_ledger(unit="example", num_units=n)
         self.step = 0
         self._resume()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -97,7 +101,6 @@ class FineTuneRecipe:
         return torch.optim.SGD(self.trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
 
     def _setup_dp(self) -> None:
-        from privtune.accounting.ledger import Ledger
         from privtune.trainers.dp import DPEngine, PoissonBatchSampler
         from privtune.trainers.plan import resolve_plan
 
@@ -116,10 +119,17 @@ class FineTuneRecipe:
         self.sampler = PoissonBatchSampler(num_units, sample_rate=self.plan.sample_rate, steps=self.plan.steps,
                                            seed=cfg.seed, micro_batch_size=cfg.performance.micro_batch_size,
                                            unit_rows=unit_rows, world_size=self.world, rank=self.rank)
-        self.ledger = Ledger.open(self.run_dir, privacy_unit=cfg.privacy.unit, dataset_size=num_units,
-                                  group_by=cfg.data.group_by, dataset=cfg.data.source) if self.rank == 0 else None
+        self.ledger = self._open_ledger(unit=cfg.privacy.unit, num_units=num_units)
         if self.rank == 0:
             info(self.plan.describe(self.num_trainable))
+
+    def _open_ledger(self, *, unit: str, num_units: int):
+        from privtune.accounting.ledger import Ledger
+
+        if self.rank != 0:
+            return None
+        return Ledger.open(self.run_dir, privacy_unit=unit, dataset_size=num_units,
+                           group_by=self.cfg.data.group_by if unit == "group" else None, dataset=self.cfg.data.source)
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.run_dir)
@@ -144,6 +154,7 @@ class FineTuneRecipe:
                 progress(total=self.total_steps - first_step, desc=f"train {self.cfg.train.method}", unit="steps") as bar:
             while self.step < self.total_steps:
                 tokens += self._dp_step() if self.is_dp else self._plain_step()
+                self._check_every_parameter_has_a_gradient()
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -153,10 +164,18 @@ class FineTuneRecipe:
                 if self.stop_signal is not None or (every and self.step % every == 0):
                     self.save_checkpoint()
                 if self.stop_signal is not None:
-                    raise Preempted(f"signal {self.stop_signal} at step {self.step}")
+                    raise Preempted(f"signal {self.stop_signal} at step {self.step}", self.stop_signal)
         seconds = time.perf_counter() - started
         return {"steps": self.step - first_step, "seconds": seconds, "tokens": tokens * self.world,
                 "peak_memory_bytes": memory.peak}
+
+    def _check_every_parameter_has_a_gradient(self) -> None:
+        """Guardrail: an optimizer step must update every trainable parameter (opacus #820: LoRA never updated)."""
+        missing = [i for i, p in enumerate(self.trainable) if p.grad is None or not torch.isfinite(p.grad).all()]
+        if missing:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            raise RuntimeError(f"step {self.step}: no finite gradient for "
+                               f"{[names[id(self.trainable[i])] for i in missing[:3]]}; refusing to step")
 
     def _inputs(self, rows: list[int]):
         return collate(rows, self.train_data.input_ids, pad_id=self.tokenizer.pad_token_id).to(self.device)
@@ -209,16 +228,14 @@ class FineTuneRecipe:
 
     def _count_step(self) -> None:
         """The ledger counts optimizer steps, one per logical step, never micro-batches."""
-        if self.ledger is None:
-            return
+        if self.ledger is None or not self.is_dp or not self.plan.formal:
+            return  # runs without a guarantee are recorded once, as non-private, when the model is saved
         self.ledger.record_training(self._event(self.step), stage=STAGE, run_id=self.cfg.name,
                                     note=f"{self.cfg.train.method} on {self.cfg.data.source}")
 
     def _event(self, steps: int):
-        from privtune.accounting.events import NonPrivateEvent, PoissonGaussianEvent
+        from privtune.accounting.events import PoissonGaussianEvent
 
-        if not self.plan.formal:
-            return NonPrivateEvent(reason=f"non-private debug run (sigma={self.plan.noise_multiplier})", steps=steps)
         return PoissonGaussianEvent(sample_rate=self.plan.sample_rate, noise_multiplier=self.plan.noise_multiplier,
                                     steps=steps)
 
@@ -249,8 +266,14 @@ class FineTuneRecipe:
 
     def save_model(self, out: Path, stats: dict) -> None:
         """Write model/ and efficiency.json into ``out`` (rank 0)."""
-        if self.ledger is not None:
+        from privtune.accounting.events import NonPrivateEvent
+
+        if self.is_dp and self.plan.formal:
             self.ledger.close_training(stage=STAGE, run_id=self.cfg.name)
+        else:  # honest bookkeeping: this model was trained on the data without a DP guarantee
+            reason = (f"method {self.cfg.train.method} adds no noise" if not self.is_dp else
+                      f"non-private debug run of {self.cfg.train.method} (sigma={self.plan.noise_multiplier})")
+            self.ledger.record(NonPrivateEvent(reason=reason, steps=self.step), stage=STAGE)
         save_model_dir(out, self.model, self.tokenizer, method=self.cfg.train.method, base_model=self.cfg.model.name,
                        data_source=self.cfg.data.source, guarantee=self.guarantee(), steps=self.step)
         seconds = stats["seconds"]
