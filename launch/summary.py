@@ -8,6 +8,10 @@ from privtune.eval.grid import render_grid
 from privtune.launch.config import RunConfig
 
 
+def _f(value, spec: str = ".3f") -> str:
+    return "—" if value is None else format(value, spec)  # a cell with no tokens has no mean
+
+
 def print_run_summary(cfg: RunConfig, metrics: dict) -> None:
     console = Console(highlight=False, width=110)
     console.print()
@@ -21,11 +25,11 @@ def print_run_summary(cfg: RunConfig, metrics: dict) -> None:
         r = metrics[label]["readings"]
         gain = r.get("privacy_gain_over_base")
         console.print(
-            f"privacy: train-sensitive NLL {r['privacy_train_sensitive_nll']:.3f}"
-            + (f" (drop from base {gain:+.3f})" if gain is not None else "")
-            + f", test−train sensitive gap {r['privacy_train_test_gap']:+.3f}    "
-            f"utility: test non-sensitive NLL {r['utility_test_nonsensitive_nll']:.3f} "
-            f"(ppl {r['utility_test_nonsensitive_ppl']:.1f})"
+            f"privacy: train-sensitive NLL {_f(r['privacy_train_sensitive_nll'])}"
+            + (f" (drop from base {_f(gain, '+.3f')})" if gain is not None else "")
+            + f", test−train sensitive gap {_f(r['privacy_train_test_gap'], '+.3f')}    "
+            f"utility: test non-sensitive NLL {_f(r['utility_test_nonsensitive_nll'])} "
+            f"(ppl {_f(r['utility_test_nonsensitive_ppl'], '.1f')})"
         )
     g = metrics.get("guarantee")
     if g is not None:
