@@ -1,6 +1,15 @@
-"""Sweeps: one YAML = a run config plus a ``grid`` of dotted keys to lists; every combination is one run.
+"""Sweeps: one YAML = a run config plus a ``grid``; every combination is one run.
 
-    privtune sweep configs/quickstart.yaml
+    privtune sweep configs/paper_a/cpu.yaml
+
+``grid`` maps dotted keys to lists (their product), and may hold ``variants``: a list of named override sets
+crossed with that product, for settings that only make sense together::
+
+    grid:
+      data.source: [customersim, synbio]
+      variants:
+        - {name: lora-r4, train.method: lora, train.lora.r: 4}
+        - {name: dp, train.method: dp}
 
 Owns: expanding the grid into validated run configs (named ``<name>-<value>-...``), running them in sequence
 (finished runs are skipped by the stage runner), and the comparison table printed at the end.
@@ -35,19 +44,29 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[st
     if not has_grid(path):
         return (cfg := load_config(path, overrides)).name, [cfg]
     tree = yaml.safe_load(path.read_text())
-    grid = tree.pop("grid") or {}
+    grid = dict(tree.pop("grid") or {})
+    variants = grid.pop("variants", None) or [{}]
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise UserError(f"{path}: grid must map dotted keys to non-empty lists", "e.g. grid: {train.method: [full, lora]}")
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise UserError(f"{path}: grid.variants must be a list of mappings", "e.g. - {name: dp, train.method: dp}")
     tree = apply_overrides(tree, overrides or [])
     base = config_from_dict(tree, origin=str(path))
     runs = []
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
-        combo = dict(zip(keys, values, strict=True))
-        run_tree = apply_overrides(base.model_dump(mode="json"), [f"{k}={yaml.safe_dump(v).strip()}" for k, v in combo.items()])
-        suffix = "-".join(_slug(v) for v in values)
-        run_tree["name"] = f"{base.name}-{suffix}" if suffix else base.name
-        runs.append(config_from_dict(run_tree, origin=f"{path} (grid {combo})"))
+        for variant in variants:
+            variant = dict(variant)
+            label = variant.pop("name", None)
+            combo = {**dict(zip(keys, values, strict=True)), **variant}
+            run_tree = apply_overrides(base.model_dump(mode="json"),
+                                       [f"{k}={yaml.safe_dump(v).strip()}" for k, v in combo.items()])
+            parts = [_slug(v) for v in values] + ([label] if label else [_slug(v) for v in variant.values()])
+            run_tree["name"] = "-".join([base.name, *parts]) if parts else base.name
+            runs.append(config_from_dict(run_tree, origin=f"{path} (grid {combo})"))
+    names = [cfg.name for cfg in runs]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: two grid combinations get the same run name", "give each variant a distinct name")
     return base.name, runs
 
 

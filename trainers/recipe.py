@@ -65,11 +65,11 @@ class FineTuneRecipe:
         self.device = self.state.device
         if cfg.performance.num_threads:
             torch.set_num_threads(cfg.performance.num_threads)
-        torch.manual_seed(cfg.seed + self.rank)
-
         self.train_data = load_prepared(self.run_dir / "data").train
+        torch.manual_seed(cfg.seed)  # the same initial weights (LoRA adapters included) on every rank
         model, self.tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
         self.model, self.trainable = prepare_trainable(model, cfg.train.method, cfg.train.lora)
+        torch.manual_seed(cfg.seed + 1 + self.rank)  # per-rank streams from here on (dropout)
         self.model.to(self.device)
         self.model.train()
         self.num_trainable = trainable_parameter_count(self.model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,6 +111,12 @@ def test_target_epsilon_is_a_hard_limit(tmp_path):
     recipe.cleanup()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     model_dir = run_dir / "model"
     files = list(model_dir.glob("*.safetensors"))
@@ -180,7 +187,7 @@ def test_two_processes_give_the_same_model_as_one(tmp_path, method):
     r1 = subprocess.run([sys.executable, "-m", "privtune", "run", str(one)], env=env, capture_output=True)
     assert r1.returncode == 0, r1.stderr.decode()[-2000:]
     r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                         "29533", "-m", "privtune", "run", str(two)], env=env, capture_output=True)
+                         str(free_port()), "-m", "privtune", "run", str(two)], env=env, capture_output=True)
     assert r2.returncode == 0, r2.stderr.decode()[-3000:]
     a, b = _final_weights(tmp_path / "runs" / f"one-{method}"), _final_weights(tmp_path / "runs" / f"two-{method}")
     assert a.keys() == b.keys()
