@@ -10,7 +10,7 @@ the model, not private data, but they are computed from private text and stay in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +55,24 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 @torch.inference_mode()
+def iter_scored(
+    model, input_ids: Sequence[Sequence[int]], indices: Sequence[int], *, batch_size: int, pad_id: int
+) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Score ``input_ids[i]`` for i in ``indices``, yielding one list of (i, nll, hit) per batch."""
+    device = next(model.parameters()).device
+    model.eval()
+    for batch in length_sorted_batches([len(input_ids[i]) for i in indices], batch_size):
+        rows = [indices[j] for j in batch]
+        ids, mask = pad_batch([input_ids[i] for i in rows], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        token_nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").cpu().numpy()
+        token_hit = (logits.argmax(dim=-1) == targets).cpu().numpy()
+        yield [(i, token_nll[r, : len(input_ids[i]) - 1].astype(np.float32), token_hit[r, : len(input_ids[i]) - 1])
+               for r, i in enumerate(rows)]
+
+
 def score_tokens(
     model,
     input_ids: Sequence[Sequence[int]],
@@ -64,24 +82,13 @@ def score_tokens(
     pad_id: int,
     desc: str = "scoring",
 ) -> TokenScores:
-    device = next(model.parameters()).device
-    model.eval()
+    """Score every example in memory (the eval stage uses ``iter_scored`` to write as it goes)."""
     n = len(input_ids)
-    nll: list[np.ndarray | None] = [None] * n
-    hit: list[np.ndarray | None] = [None] * n
-    batches = length_sorted_batches([len(x) for x in input_ids], batch_size)
-    with progress(total=sum(len(x) for x in input_ids), desc=desc, unit="tok") as bar:
-        for batch in batches:
-            ids, mask = pad_batch([input_ids[i] for i in batch], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            targets = ids[:, 1:]
-            token_nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            token_hit = logits.argmax(dim=-1) == targets
-            for row, i in enumerate(batch):
-                length = len(input_ids[i]) - 1
-                nll[i] = token_nll[row, :length].cpu().numpy().astype(np.float32)
-                hit[i] = token_hit[row, :length].cpu().numpy()
-            bar.update(int(mask.sum()))
-    sens = [np.asarray(s[1:], dtype=bool) for s in sensitive]
-    return TokenScores(nll=nll, hit=hit, sensitive=sens)  # type: ignore[arg-type]
+    nll: list = [None] * n
+    hit: list = [None] * n
+    with progress(total=n, desc=desc, unit="ex") as bar:
+        for rows in iter_scored(model, input_ids, range(n), batch_size=batch_size, pad_id=pad_id):
+            for i, row_nll, row_hit in rows:
+                nll[i], hit[i] = row_nll, row_hit
+            bar.update(len(rows))
+    return TokenScores(nll=nll, hit=hit, sensitive=[np.asarray(s[1:], dtype=bool) for s in sensitive])

@@ -1,21 +1,31 @@
-"""The evaluation stage: score a run's model (and the base model) on its prepared data.
+"""The evaluation stage: score a run's models on its prepared data, sharded across processes, resumable.
 
-Owns: loading the prepared splits, choosing which examples to score, and writing ``eval/metrics.json``.
+    privtune eval runs/quickstart-dp                          # one process
+    torchrun --nproc_per_node 2 -m privtune eval RUN_DIR      # examples sharded over 2 processes
+
+Owns: which models are scored (the base model and the run's trained model), splitting the examples across ranks,
+writing per-example scores as they are computed (``eval/shards.py``), and aggregating them on rank 0 into
+``eval/metrics.json`` plus merged ``eval/scores.<model>.<split>.jsonl``. An interrupted eval resumes from the
+examples already written, with any number of processes.
+
+Sensitive: scores of private training text; the metrics are aggregates, the per-example files stay private.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from privtune.eval.grid import grid, readings
-from privtune.eval.scoring import score_tokens
+from privtune.eval.scoring import iter_scored
+from privtune.eval.shards import PARTS, PartWriter, merge, part_path, read_done
 from privtune.launch.config import RunConfig
-from privtune.launch.progress import info
+from privtune.launch.progress import info, progress
 from privtune.launch.rundir import atomic_write_json
 
 
@@ -32,48 +42,84 @@ def _base_cache_path(cfg: RunConfig, run_dir: Path) -> Path:
     return Path(cfg.output_dir) / ".cache" / f"base-grid-{digest.hexdigest()[:20]}.json"
 
 
-def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict:
-    from privtune.corpora import load_prepared
+class _Dist:
+    """Rank, world size and a barrier; a single process when not launched distributed."""
+
+    def __init__(self):
+        import os
+
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank = self.state.process_index if self.state else 0
+        self.world = self.state.num_processes if self.state else 1
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def _model_loaders(cfg: RunConfig, run_dir: Path) -> list[tuple[str, object]]:
     from privtune.trainers.models import load_model, load_trained
 
-    data = load_prepared(run_dir / "data")
-    if cfg.performance.num_threads:
-        torch.set_num_threads(cfg.performance.num_threads)
-    limit = cfg.eval.max_examples
-    splits = {"train": data.train, "test": data.test}
-    selected = {name: (split.input_ids[:limit], split.sensitive[:limit]) for name, split in splits.items()}
-
-    metrics = {
-        "model": cfg.model.name,
-        "method": cfg.train.method,
-        "examples": {name: len(ids) for name, (ids, _) in selected.items()},
-    }
-    scored_tokens, scoring_seconds = 0, 0.0
-    models = []
+    loaders = []
     if cfg.eval.base_model or cfg.train.method == "none":
-        models.append(("base", lambda: load_model(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)))
+        loaders.append(("base", lambda: load_model(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)))
     if (run_dir / "model" / "COMPLETED").exists():
-        models.append(("trained", lambda: load_trained(run_dir / "model", dtype=cfg.model.dtype, seed=cfg.seed)))
-    for label, load in models:
-        cache = _base_cache_path(cfg, run_dir) if label == "base" else None
-        if cache is not None and cache.exists():
-            metrics[label] = {"grid": json.loads(cache.read_text())}
-            info("[bold]eval[/]  base model scores reused from the cache")
+        loaders.append(("trained", lambda: load_trained(run_dir / "model", dtype=cfg.model.dtype, seed=cfg.seed)))
+    return loaders
+
+
+def score_shards(cfg: RunConfig, run_dir: Path, splits: dict, dist: _Dist) -> float:
+    """Score this rank's share of every (model, split) not yet scored; returns seconds spent scoring."""
+    seconds = 0.0
+    for label, load in _model_loaders(cfg, run_dir):
+        if label == "base" and _base_cache_path(cfg, run_dir).exists():
+            continue
+        pending = {split: [i for i in range(len(ids)) if i not in read_done(run_dir, label, split)]
+                   for split, (ids, _) in splits.items()}
+        mine = {split: idx[dist.rank :: dist.world] for split, idx in pending.items()}
+        if not any(mine.values()):
             continue
         model, tokenizer = load()
         model.to(_device())
         started = time.perf_counter()
-        scores = {
-            name: score_tokens(model, ids, sens, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id,
-                               desc=f"{label} model, {name}")
-            for name, (ids, sens) in selected.items()
-        }
-        scoring_seconds += time.perf_counter() - started
-        scored_tokens += sum(s.num_tokens for s in scores.values())
+        for split, indices in mine.items():
+            writer = PartWriter(part_path(run_dir, label, split, dist.rank))
+            with progress(total=len(indices), desc=f"eval {label} model, {split}", unit="ex") as bar:
+                for rows in iter_scored(model, splits[split][0], indices, batch_size=cfg.eval.batch_size,
+                                        pad_id=tokenizer.pad_token_id):
+                    writer.write(rows)
+                    bar.update(len(rows))
+            writer.close()
+        seconds += time.perf_counter() - started
+        del model
+    return seconds
+
+
+def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path) -> dict:
+    """Rank 0: merge the part files into per-model grids, readings and metrics.json."""
+    metrics: dict = {
+        "model": cfg.model.name,
+        "method": cfg.train.method,
+        "examples": {name: len(ids) for name, (ids, _) in splits.items()},
+    }
+    for label, _ in _model_loaders(cfg, run_dir):
+        cache = _base_cache_path(cfg, run_dir) if label == "base" else None
+        if cache is not None and cache.exists():
+            metrics[label] = {"grid": json.loads(cache.read_text())}
+            continue
+        scores = {split: merge(read_done(run_dir, label, split), sens) for split, (_, sens) in splits.items()}
         metrics[label] = {"grid": grid(scores)}
+        for split, token_scores in scores.items():
+            with open(out_dir / f"scores.{label}.{split}.jsonl", "w") as f:
+                for i, (nll, hit) in enumerate(zip(token_scores.nll, token_scores.hit, strict=True)):
+                    f.write(json.dumps({"i": i, "nll_mean": float(nll.mean()) if nll.size else None,
+                                        "tokens": int(nll.size), "hits": int(hit.sum())}) + "\n")
         if cache is not None:
             atomic_write_json(cache, metrics[label]["grid"])
-        del model
     base_grid = metrics.get("base", {}).get("grid")
     for label in ("base", "trained"):
         if label in metrics:
@@ -82,8 +128,32 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict:
     if efficiency.exists():
         metrics["cost"] = json.loads(efficiency.read_text())
         metrics["guarantee"] = json.loads((run_dir / "model" / "privtune.json").read_text())["guarantee"]
-    seconds, tokens = scoring_seconds, scored_tokens
-    metrics["scoring"] = {"seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    info(f"[bold]eval[/]  scored {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tok/s)")
     return metrics
+
+
+def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None) -> dict:
+    """Score (all ranks) and aggregate (rank 0, into ``out_dir``). Returns metrics on rank 0, {} elsewhere."""
+    from privtune.corpora import load_prepared
+
+    dist = _Dist()
+    data = load_prepared(run_dir / "data")
+    if cfg.performance.num_threads:
+        torch.set_num_threads(cfg.performance.num_threads)
+    limit = cfg.eval.max_examples
+    splits = {name: (split.input_ids[:limit], split.sensitive[:limit])
+              for name, split in (("train", data.train), ("test", data.test))}
+    seconds = score_shards(cfg, run_dir, splits, dist)
+    dist.barrier()
+    if dist.rank != 0:
+        return {}
+    metrics = aggregate(cfg, run_dir, splits, out_dir)
+    metrics["scoring"] = {"seconds_rank0": round(seconds, 2), "world_size": dist.world}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if seconds:
+        info(f"[bold]eval[/]  scored in {seconds:.1f} s ({dist.world} process{'es' if dist.world > 1 else ''})")
+    return metrics
+
+
+def finish(run_dir: Path) -> None:
+    """Drop the part files once eval/ is published."""
+    shutil.rmtree(run_dir / PARTS, ignore_errors=True)

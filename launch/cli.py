@@ -17,12 +17,12 @@ import contextlib
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from privtune.launch.errors import UserError
 
 PLANNED = {
     "train": "training as a separate stage",
-    "eval": "re-evaluating a finished run",
     "report": "joining runs into tables and plots",
     "plan": "cluster resource planning",
     "submit": "Slurm submission",
@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sub.add_parser("validate", help="check a config and print what it resolves to"))
     _add_config_args(sub.add_parser("sweep", help="run every combination of a config's grid, then compare them"))
     _add_config_args(sub.add_parser("data", help="prepare the data of a config (corpus, split, token masks)"))
+    ev = sub.add_parser("eval", help="score a run dir's models (resumes; shards under torchrun)")
+    ev.add_argument("run_dir", help="a run directory made by privtune run")
+    ev.add_argument("overrides", nargs="*", help="eval.* or performance.* overrides, e.g. eval.max_examples=100")
+    ev.add_argument("--json", action="store_true")
     budget = sub.add_parser("budget", help="compose privacy ledgers, or `budget calibrate` a noise multiplier")
     budget.add_argument("paths", nargs="+", help="run dirs or ledger.json files (or the word calibrate)")
     budget.add_argument("--delta", type=float, help="δ of the composed guarantee")
@@ -153,6 +157,34 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from privtune.launch.config import load_config
+    from privtune.launch.pipeline import run_eval_stage
+    from privtune.launch.progress import set_quiet
+    from privtune.launch.rundir import RESOLVED, check_existing_run
+    from privtune.launch.summary import print_run_summary
+
+    set_quiet(args.json)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / RESOLVED).exists():
+        raise UserError(f"{run_dir} is not a privtune run dir (no {RESOLVED})", "pass a folder made by privtune run")
+    bad = [o for o in args.overrides if not o.startswith(("eval.", "performance."))]
+    if bad:
+        raise UserError(f"privtune eval takes only eval.* and performance.* overrides, got {bad[0]}",
+                        "change other settings with privtune run")
+    cfg = load_config(run_dir / RESOLVED, [*args.overrides, f"output_dir={run_dir.parent}"])
+    check_existing_run(cfg)
+    metrics = run_eval_stage(cfg, run_dir)
+    if not metrics:  # a non-main rank
+        return 0
+    metrics["wall_seconds"] = 0.0
+    if args.json:
+        _print_json({"run_dir": str(run_dir), **metrics})
+    else:
+        print_run_summary(cfg, metrics)
+    return 0
+
+
 def cmd_budget(args) -> int:
     if args.delta is None:
         raise UserError("privtune budget needs --delta", "add e.g. --delta 1e-6")
@@ -183,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in PLANNED:
             raise UserError(f"`privtune {args.command}` ({PLANNED[args.command]}) is not implemented yet",
                             "use `privtune run CONFIG` for now")
-        handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget, "sweep": cmd_sweep}[args.command]
+        handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget, "sweep": cmd_sweep, "eval": cmd_eval}[args.command]
         if not getattr(args, "json", False) or args.command in ("budget", "validate"):
             return handler(args)
         # --json: stdout carries exactly one JSON document; anything a library prints goes to stderr.

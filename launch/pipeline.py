@@ -54,14 +54,20 @@ def ensure_data(cfg: RunConfig) -> tuple[Path, bool]:
 
 
 def run_eval_stage(cfg: RunConfig, run_dir: Path) -> dict:
-    from privtune.eval.stage import evaluate_run
+    """Score on every rank, aggregate and publish ``eval/`` on the main process."""
+    from privtune.eval.stage import evaluate_run, finish
 
     if stage_done(run_dir, "eval"):
         info("[bold]eval[/]  already done, skipping")
         return json.loads((run_dir / "eval" / "metrics.json").read_text())
+    state = _distributed()
+    if state is not None and not state.is_main_process:
+        evaluate_run(cfg, run_dir, None)
+        return {}
     with staged_dir(run_dir / "eval") as tmp:
         metrics = evaluate_run(cfg, run_dir, tmp)
         mark_done(tmp)
+    finish(run_dir)
     return metrics
 
 
@@ -105,8 +111,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
         with state.main_process_first():  # rank 0 prepares the data, the others then find it
             run_dir, _ = ensure_data(cfg)
     run_train_stage(cfg, run_dir)
+    metrics = run_eval_stage(cfg, run_dir)
     if state is not None and not state.is_main_process:
         return {"rank": state.process_index}
-    metrics = run_eval_stage(cfg, run_dir)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     return metrics

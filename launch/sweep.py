@@ -44,13 +44,16 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[st
     if not has_grid(path):
         return (cfg := load_config(path, overrides)).name, [cfg]
     tree = yaml.safe_load(path.read_text())
+    grid_overrides = [o for o in overrides or [] if o.split("=", 1)[0].split(".")[0] == "grid"]
+    overrides = [o for o in overrides or [] if o not in grid_overrides]
+    tree = apply_overrides(tree, grid_overrides)  # e.g. grid=null: run the base config alone
     grid = dict(tree.pop("grid") or {})
     variants = grid.pop("variants", None) or [{}]
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise UserError(f"{path}: grid must map dotted keys to non-empty lists", "e.g. grid: {train.method: [full, lora]}")
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise UserError(f"{path}: grid.variants must be a list of mappings", "e.g. - {name: dp, train.method: dp}")
-    tree = apply_overrides(tree, overrides or [])
+    tree = apply_overrides(tree, overrides)
     base = config_from_dict(tree, origin=str(path))
     runs = []
     keys = list(grid)
