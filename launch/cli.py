@@ -23,7 +23,6 @@ from privtune.launch.errors import UserError
 
 PLANNED = {
     "train": "training as a separate stage",
-    "report": "joining runs into tables and plots",
     "plan": "cluster resource planning",
     "submit": "Slurm submission",
     "status": "cluster job status",
@@ -52,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", help="a run directory made by privtune run")
     ev.add_argument("overrides", nargs="*", help="eval.* or performance.* overrides, e.g. eval.max_examples=100")
     ev.add_argument("--json", action="store_true")
+    rep = sub.add_parser("report", help="join finished runs into report.md and plots")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", default="report", help="output folder (default: report/)")
+    rep.add_argument("--json", action="store_true")
     budget = sub.add_parser("budget", help="compose privacy ledgers, or `budget calibrate` a noise multiplier")
     budget.add_argument("paths", nargs="+", help="run dirs or ledger.json files (or the word calibrate)")
     budget.add_argument("--delta", type=float, help="δ of the composed guarantee")
@@ -185,6 +188,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from privtune.eval.report import write_report
+
+    command = "privtune report " + " ".join(args.run_dirs) + f" --out {args.out}"
+    result = write_report([Path(d) for d in args.run_dirs], Path(args.out), command=command)
+    if args.json:
+        _print_json(result)
+    else:
+        sys.stdout.write(Path(result["out"], "report.md").read_text())
+        sys.stdout.write(f"\nwritten: {result['out']}/report.md, plots: {', '.join(result['plots'])}\n")
+    return 0
+
+
 def cmd_budget(args) -> int:
     if args.delta is None:
         raise UserError("privtune budget needs --delta", "add e.g. --delta 1e-6")
@@ -215,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in PLANNED:
             raise UserError(f"`privtune {args.command}` ({PLANNED[args.command]}) is not implemented yet",
                             "use `privtune run CONFIG` for now")
-        handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget, "sweep": cmd_sweep, "eval": cmd_eval}[args.command]
+        handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget, "sweep": cmd_sweep, "eval": cmd_eval,
+                   "report": cmd_report}[args.command]
         if not getattr(args, "json", False) or args.command in ("budget", "validate"):
             return handler(args)
         # --json: stdout carries exactly one JSON document; anything a library prints goes to stderr.
