@@ -65,10 +65,15 @@ def iter_scored(
         rows = [indices[j] for j in batch]
         ids, mask = pad_batch([input_ids[i] for i in rows], pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        token_nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").cpu().numpy()
-        token_hit = (logits.argmax(dim=-1) == targets).cpu().numpy()
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V), contiguous
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        # Targets shifted left on the contiguous logits (no (B, T-1, V) copy); the last position has no target.
+        targets = torch.full_like(ids, -100)
+        targets[:, :-1] = ids[:, 1:]
+        token_nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), reduction="none")
+        token_nll = token_nll.view(ids.shape)[:, :-1].cpu().numpy()
+        token_hit = (logits.argmax(dim=-1)[:, :-1] == ids[:, 1:]).cpu().numpy()
         yield [(i, token_nll[r, : len(input_ids[i]) - 1].astype(np.float32), token_hit[r, : len(input_ids[i]) - 1])
                for r, i in enumerate(rows)]
 
