@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -37,11 +38,32 @@ class _Bar:
             self._progress.advance(self._task, n)
 
 
+class _LogLines(_Bar):
+    """Where stderr is a log file (Slurm, nohup): a plain line every ``every`` seconds and at the end."""
+
+    def __init__(self, desc: str, total: int, unit: str, every: float = 30.0):
+        super().__init__(None, None)
+        self.desc, self.total, self.unit, self.every = desc, total, unit, every
+        self.done, self.started = 0, time.monotonic()
+        self.last = self.started
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            elapsed = now - self.started
+            eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            console.print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {elapsed:.0f} s elapsed, ~{eta:.0f} s left")
+
+
 @contextlib.contextmanager
 def progress(*, total: int, desc: str, unit: str = "it") -> Iterator[_Bar]:
-    enabled = not _quiet and (sys.stderr.isatty() or os.environ.get("PRIVTUNE_PROGRESS") == "1")
-    if not enabled:
+    if _quiet or os.environ.get("PRIVTUNE_PROGRESS") == "0":
         yield _Bar(None, None)
+        return
+    if not sys.stderr.isatty():
+        yield _LogLines(desc, total, unit)
         return
     columns = [TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                TimeElapsedColumn(), TimeRemainingColumn()]
