@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from privtune.launch.errors import UserError
@@ -34,9 +35,10 @@ def row_of(run: dict) -> dict:
     model = m.get("trained") or m["base"]
     grid, r = model["grid"], model["readings"]
     guarantee, cost = m.get("guarantee") or {}, m.get("cost") or {}
-    mia = (m.get("mia") or {}).get("trained", {})
-    exposure = m.get("exposure", {}).get("trained", [])
-    extraction = (m.get("extraction") or {}).get("trained", {})
+    label = "trained" if "trained" in m else "base"
+    mia = (m.get("mia") or {}).get(label, {})
+    exposure = (m.get("exposure") or {}).get(label, [])
+    extraction = ((m.get("extraction") or {}).get(label) or {}).get("summary", {})
     return {
         "run": run["dir"].name,
         "dataset": cfg["data"]["source"],
@@ -49,10 +51,10 @@ def row_of(run: dict) -> dict:
         "memorized": r.get("privacy_gain_over_base"),
         "train_test_gap": r["privacy_train_test_gap"],
         "test_ppl": r["utility_test_nonsensitive_ppl"],
-        "mia_auc_sensitive": (mia.get("loss_sensitive") or {}).get("auc"),
-        "mia_auc_example": (mia.get("loss") or {}).get("auc"),
+        "mia_auc_sensitive": ((mia.get("sensitive") or {}).get("loss") or {}).get("auc"),
+        "mia_auc_example": ((mia.get("example") or {}).get("loss") or {}).get("auc"),
         "exposure": max((e["exposure"] for e in exposure), default=None),
-        "extraction_exact": extraction.get("exact_rate"),
+        "extraction_exact": extraction.get("exact"),
         "epsilon": guarantee.get("epsilon"),
         "delta": guarantee.get("delta"),
         "train_seconds": cost.get("wall_seconds"),
@@ -67,6 +69,7 @@ COLUMNS = [
     ("train_sensitive_nll", "train sens NLL", "{:.3f}"), ("memorized", "memorized ↓", "{:+.3f}"),
     ("train_test_gap", "test−train sens", "{:+.3f}"), ("test_nonsensitive_nll", "test non-sens NLL", "{:.3f}"),
     ("mia_auc_sensitive", "MIA AUC (sens)", "{:.3f}"), ("exposure", "exposure", "{:.1f}"),
+    ("extraction_exact", "extracted", "{:.1%}"),
     ("epsilon", "ε", "{:.2f}"), ("train_seconds", "train s", "{:.0f}"), ("peak_memory_mb", "peak MB", "{:,}"),
     ("trainable_parameters", "trainable", "{:,}"),
 ]
@@ -116,14 +119,18 @@ def plot_roc(runs: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [(run["dir"].name, (run["metrics"].get("mia") or {}).get("trained", {}).get("loss_sensitive", {}))
-              for run in runs]
-    curves = [(name, c) for name, c in curves if c.get("roc_fpr")]
+    curves = []
+    for run in runs:
+        mia = (run["metrics"].get("mia") or {}).get("trained") or {}
+        curve, metrics = (mia.get("roc") or {}).get("sensitive/loss"), (mia.get("sensitive") or {}).get("loss")
+        if curve and metrics:
+            curves.append((run["dir"].name, curve, metrics["auc"]))
     if not curves:
         return False
     fig, ax = plt.subplots(figsize=(5, 5))
-    for name, c in curves:
-        ax.plot(c["roc_fpr"], c["roc_tpr"], label=f"{name} (AUC {c['auc']:.2f})", linewidth=1.2)
+    for name, c, auc in curves:
+        ax.plot(np.maximum(c["fpr"], 1e-3), np.maximum(c["tpr"], 1e-3), label=f"{name} (AUC {auc:.2f})",
+                linewidth=1.2)
     ax.plot([1e-4, 1], [1e-4, 1], color="grey", linestyle=":")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -34,8 +34,12 @@ def encode_row(index: int, nll: np.ndarray, hit: np.ndarray) -> str:
 
 def read_done(run_dir: Path, label: str, split: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Every example already scored for (label, split), from the part files of any rank; torn lines ignored."""
+    return read_rows(sorted((run_dir / PARTS).glob(f"{label}.{split}.rank*.jsonl")))
+
+
+def read_rows(paths) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     done: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for path in sorted((run_dir / PARTS).glob(f"{label}.{split}.rank*.jsonl")):
+    for path in paths:
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
@@ -61,6 +65,14 @@ class PartWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def write_rows(path: Path, scores: TokenScores) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(encode_row(i, nll, hit) for i, (nll, hit) in enumerate(zip(scores.nll, scores.hit,
+                                                                                       strict=True))))
+    os.replace(tmp, path)
 
 
 def merge(done: dict[int, tuple[np.ndarray, np.ndarray]], sensitive: Sequence[Sequence[bool]]) -> TokenScores:

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from privtune.eval.grid import grid, readings
+from privtune.eval.measures import run_measures
 from privtune.eval.scoring import iter_scored
-from privtune.eval.shards import PARTS, PartWriter, merge, part_path, read_done
+from privtune.eval.shards import PARTS, PartWriter, merge, part_path, read_done, read_rows, write_rows
 from privtune.launch.config import RunConfig
 from privtune.launch.progress import info, progress
-from privtune.launch.rundir import atomic_write_json
+from privtune.launch.rundir import staged_dir
 
 
 def _device() -> torch.device:
@@ -39,7 +40,7 @@ def _base_cache_path(cfg: RunConfig, run_dir: Path) -> Path:
     digest.update(f"{cfg.model.name}|{cfg.model.dtype}|{cfg.eval.max_examples}|".encode())
     for split in ("train", "test"):
         digest.update((run_dir / "data" / f"tokens.{split}.jsonl").read_bytes())
-    return Path(cfg.output_dir) / ".cache" / f"base-grid-{digest.hexdigest()[:20]}.json"
+    return Path(cfg.output_dir) / ".cache" / f"base-{digest.hexdigest()[:20]}"
 
 
 class _Dist:
@@ -76,7 +77,7 @@ def score_shards(cfg: RunConfig, run_dir: Path, splits: dict, dist: _Dist) -> fl
     """Score this rank's share of every (model, split) not yet scored; returns seconds spent scoring."""
     seconds = 0.0
     for label, load in _model_loaders(cfg, run_dir):
-        if label == "base" and _base_cache_path(cfg, run_dir).exists():
+        if label == "base" and _base_cache_path(cfg, run_dir).exists():  # scored by an earlier run
             continue
         pending = {split: [i for i in range(len(ids)) if i not in read_done(run_dir, label, split)]
                    for split, (ids, _) in splits.items()}
@@ -99,31 +100,36 @@ def score_shards(cfg: RunConfig, run_dir: Path, splits: dict, dist: _Dist) -> fl
     return seconds
 
 
-def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path) -> dict:
+def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path, data, limit) -> dict:
     """Rank 0: merge the part files into per-model grids, readings and metrics.json."""
     metrics: dict = {
         "model": cfg.model.name,
         "method": cfg.train.method,
         "examples": {name: len(ids) for name, (ids, _) in splits.items()},
     }
+    all_scores = {}
     for label, _ in _model_loaders(cfg, run_dir):
         cache = _base_cache_path(cfg, run_dir) if label == "base" else None
         if cache is not None and cache.exists():
-            metrics[label] = {"grid": json.loads(cache.read_text())}
-            continue
-        scores = {split: merge(read_done(run_dir, label, split), sens) for split, (_, sens) in splits.items()}
+            scores = {split: merge(read_rows([cache / f"{split}.jsonl"]), sens) for split, (_, sens) in splits.items()}
+        else:
+            scores = {split: merge(read_done(run_dir, label, split), sens) for split, (_, sens) in splits.items()}
+        all_scores[label] = scores
         metrics[label] = {"grid": grid(scores)}
         for split, token_scores in scores.items():
             with open(out_dir / f"scores.{label}.{split}.jsonl", "w") as f:
                 for i, (nll, hit) in enumerate(zip(token_scores.nll, token_scores.hit, strict=True)):
                     f.write(json.dumps({"i": i, "nll_mean": float(nll.mean()) if nll.size else None,
                                         "tokens": int(nll.size), "hits": int(hit.sum())}) + "\n")
-        if cache is not None:
-            atomic_write_json(cache, metrics[label]["grid"])
+        if cache is not None and not cache.exists():
+            with staged_dir(cache) as tmp:
+                for split, token_scores in scores.items():
+                    write_rows(tmp / f"{split}.jsonl", token_scores)
     base_grid = metrics.get("base", {}).get("grid")
     for label in ("base", "trained"):
         if label in metrics:
             metrics[label]["readings"] = readings(metrics[label]["grid"], base_grid if label == "trained" else None)
+    metrics.update(run_measures(cfg, run_dir, _model_loaders(cfg, run_dir), all_scores, data, limit))
     efficiency = run_dir / "model" / "efficiency.json"
     if efficiency.exists():
         metrics["cost"] = json.loads(efficiency.read_text())
@@ -146,7 +152,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None) -> dict:
     dist.barrier()
     if dist.rank != 0:
         return {}
-    metrics = aggregate(cfg, run_dir, splits, out_dir)
+    metrics = aggregate(cfg, run_dir, splits, out_dir, data, limit)
     metrics["scoring"] = {"seconds_rank0": round(seconds, 2), "world_size": dist.world}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if seconds:

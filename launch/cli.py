@@ -12,8 +12,8 @@ Every error a user can cause exits with code 2 and one line on stderr naming the
 from __future__ import annotations
 
 import argparse
-import json
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         sys.stderr.write(f"privtune: error: {err}\n")
         return err.exit_code
+    except BrokenPipeError:  # `privtune report ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:
         from privtune.trainers.recipe import Preempted
 

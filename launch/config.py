@@ -125,6 +125,12 @@ class EvalConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     max_examples: int | None = Field(None, ge=1, description="per split; None scores every example")
     base_model: bool = True
+    mia: bool = True
+    mia_bootstrap: int = Field(1000, ge=0)
+    exposure: bool = True
+    exposure_method: Literal["auto", "exact", "extrapolate"] = "auto"
+    exposure_batch_size: int = Field(256, ge=1)
+    extraction_max_spans: int = Field(100, ge=0, description="0 turns extraction off")
 
 
 class RunConfig(_Strict):

@@ -30,8 +30,14 @@ from privtune.launch.config import RunConfig
 from privtune.launch.errors import UserError
 from privtune.launch.progress import info, progress
 from privtune.trainers.batches import ShuffledBatches, collate
-from privtune.trainers.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, \
-    save_checkpoint, set_rng_state
+from privtune.trainers.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from privtune.trainers.output import Guarantee, PeakMemory, save_model_dir, trainable_parameter_count
 
 STAGE = "train"
