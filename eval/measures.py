@@ -74,7 +74,8 @@ def exposure_and_extraction(cfg: RunConfig, loaders, canaries, train_records) ->
         model.to(device)
         if cfg.eval.exposure and canaries:
             exposure[label] = [canary_exposure(model, tokenizer, canary, batch_size=cfg.eval.exposure_batch_size,
-                                               method=cfg.eval.exposure_method, seed=cfg.seed)
+                                               method=cfg.eval.exposure_method, seed=cfg.seed,
+                                               sample_size=cfg.eval.exposure_sample_size)
                                for canary in canaries]
             best = max(e["exposure"] for e in exposure[label])
             info(f"[bold]eval[/]  {label} model: canary exposure {best:.2f} bits of {np.log2(canaries[0].candidates_size()):.1f}")

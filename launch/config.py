@@ -130,6 +130,7 @@ class EvalConfig(_Strict):
     exposure: bool = True
     exposure_method: Literal["auto", "exact", "extrapolate"] = "auto"
     exposure_batch_size: int = Field(256, ge=1)
+    exposure_sample_size: int = Field(5000, ge=10, description="candidates drawn for the skew-normal fit")
     extraction_max_spans: int = Field(100, ge=0, description="0 turns extraction off")
 
 
