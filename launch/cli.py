@@ -97,19 +97,24 @@ def cmd_validate(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from privtune.launch.config import load_config
     from privtune.launch.pipeline import ensure_data
     from privtune.launch.progress import set_quiet
+    from privtune.launch.sweep import load_sweep
 
     set_quiet(args.json)
-    cfg = load_config(args.config, args.overrides)
-    run_dir, existed = ensure_data(cfg)
-    meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    _, runs = load_sweep(args.config, args.overrides)
+    prepared = []
+    for cfg in runs:
+        run_dir, existed = ensure_data(cfg)
+        meta = json.loads((run_dir / "data" / "meta.json").read_text())
+        prepared.append({"run_dir": str(run_dir), "reused": existed, **meta})
     if args.json:
-        _print_json({"run_dir": str(run_dir), "reused": existed, **meta})
-    else:
-        sys.stdout.write(f"data in {run_dir / 'data'}{' (reused)' if existed else ''}\n")
-        sys.stdout.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _print_json(prepared[0] if len(prepared) == 1 else {"runs": prepared})
+        return 0
+    for item in prepared:
+        sys.stdout.write(f"data in {item['run_dir']}/data{' (reused)' if item['reused'] else ''}\n")
+        sys.stdout.write(json.dumps({k: v for k, v in item.items() if k not in ("run_dir", "reused")},
+                                    indent=2, sort_keys=True) + "\n")
     return 0
 
 
