@@ -1,1 +1,15 @@
-"""TODO docstring."""
+"""privtune.eval: the evaluation stage and what it measures.
+
+- ``scoring``     batched per-token NLL and greedy hit (teacher forcing)
+- ``shards``      per-example score files: written as scoring goes, merged by index (resume, any world size)
+- ``grid``        Paper A's 2x2 grid {train, test} x {sensitive, non-sensitive} and its privacy/utility readings
+- ``mia``/``stats`` membership inference on whole examples and on sensitive tokens; ROC, TPR@FPR, bootstrap CIs
+- ``exposure``    Secret Sharer canary exposure: exact digit-trie ranks, or skew-normal extrapolation
+- ``extraction``  greedy extraction of sensitive spans from their training prefixes
+- ``measures``    runs mia / exposure / extraction inside the stage
+- ``stage``       the stage itself: which models, sharding across processes, eval/metrics.json
+- ``report``      report.md and plots across runs
+
+Sensitive: per-example scores and extraction continuations come from private text and stay in the run dir;
+metrics and reports hold aggregates only.
+"""

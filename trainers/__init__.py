@@ -1,1 +1,14 @@
-"""TODO docstring."""
+"""privtune.trainers: model loading, the fine-tuning recipe, and the DP engine.
+
+- ``models``      registry: the embedded smollm2-135m (from its PyPI-shipped GGUF), tiny test families, local paths
+- ``lora``        which parameters each method trains (peft LoRA for lora / dp-lora)
+- ``plan``        the DP plan (q, sigma, C, T, delta, epsilon) resolved and printed before training
+- ``batches``     collation and the shuffled fixed-size batches of the non-private methods
+- ``recipe``      one training loop for full | lora | dp | dp-lora: setup / train / save_checkpoint / cleanup
+- ``checkpoint``  resumable checkpoints (weights or adapter, optimizer, RNG of every rank, ledger state)
+- ``output``      the released model dir with its model card, and the cost record
+- ``dp/``         per-unit clipping with one backward, Poisson sampling, noise (privacy-critical)
+
+Privacy unit: one example, or one user (``privacy.unit: group``). Sensitive: the training data and which units
+each step sampled.
+"""
