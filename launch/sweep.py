@@ -74,29 +74,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[st
 
 
 def comparison_rows(results: list[tuple[RunConfig, dict]]) -> list[dict]:
-    rows = []
-    for cfg, metrics in results:
-        model = metrics.get("trained") or metrics["base"]
-        grid, r = model["grid"], model["readings"]
-        guarantee = metrics.get("guarantee") or {}
-        cost = metrics.get("cost") or {}
-        rows.append({
-            "run": cfg.name,
-            "method": cfg.train.method,
-            "train_sensitive_nll": grid["train_sensitive"]["nll_mean"],
-            "train_nonsensitive_nll": grid["train_nonsensitive"]["nll_mean"],
-            "test_sensitive_nll": grid["test_sensitive"]["nll_mean"],
-            "test_nonsensitive_nll": grid["test_nonsensitive"]["nll_mean"],
-            "gain_over_base": r.get("privacy_gain_over_base"),
-            "train_test_gap": r["privacy_train_test_gap"],
-            "epsilon": guarantee.get("epsilon"),
-            "delta": guarantee.get("delta"),
-            "train_seconds": cost.get("wall_seconds"),
-            "tokens_per_second": cost.get("tokens_per_second"),
-            "peak_memory_mb": round(cost["peak_memory_bytes"] / 2**20) if cost else None,
-            "trainable_parameters": cost.get("trainable_parameters"),
-        })
-    return rows
+    """One row per run, the same rows ``privtune report`` tabulates."""
+    from privtune.eval.report import row_of
+
+    return [row_of({"dir": cfg.run_dir, "config": cfg.model_dump(mode="json"), "metrics": metrics})
+            for cfg, metrics in results]
 
 
 def render_comparison(title: str, rows: list[dict], base_grid: dict | None):
@@ -115,8 +97,9 @@ def render_comparison(title: str, rows: list[dict], base_grid: dict | None):
                       ("train_sensitive", "train_nonsensitive", "test_sensitive", "test_nonsensitive")),
                       "0.000", "—", "—", "—", "—", "—")
     for row in rows:
-        table.add_row(row["method"], f(row["train_sensitive_nll"]), f(row["train_nonsensitive_nll"]),
-                      f(row["test_sensitive_nll"]), f(row["test_nonsensitive_nll"]), f(row["gain_over_base"], "{:+.3f}"),
+        label = row["method"] + (f" r={row['lora_r']}" if row["lora_r"] else "")
+        table.add_row(label, f(row["train_sensitive_nll"]), f(row["train_nonsensitive_nll"]),
+                      f(row["test_sensitive_nll"]), f(row["test_nonsensitive_nll"]), f(row["memorized"], "{:+.3f}"),
                       f(row["epsilon"], "{:.2f}") if row["method"] in ("dp", "dp-lora") else "∞",
                       f(row["train_seconds"], "{:.0f}"), f(row["tokens_per_second"], "{:.0f}"),
                       f(row["peak_memory_mb"], "{:,}"), f(row["trainable_parameters"], "{:,}"))
