@@ -1,10 +1,11 @@
 """DP overhead benchmark (issue 5): step time and peak memory of privtune's DP engine against non-DP training
 and against Opacus 1.6, on the embedded model, in one run.
 
-    python benchmarks/dp_overhead.py                                  # defaults: batch 8 x 128 tokens, CPU/CUDA auto
-    python benchmarks/dp_overhead.py --steps 3 --warmup 1 --configs full,dp --json
+    python benchmarks/dp_overhead.py                         # defaults: batch 8 x 128 tokens, CPU / CUDA auto
+    python benchmarks/dp_overhead.py --configs full,dp --steps 2 --json
+    python benchmarks/dp_overhead.py --render benchmarks/dp_overhead.json   # re-render RESULTS.md only
 
-Configurations (each runs in a fresh subprocess, so one's peak memory does not pollute the next):
+Configurations:
 
 - ``full`` / ``lora``: non-DP fine-tuning exactly as ``FineTuneRecipe._plain_step`` does it (forward, mean of the
   per-example losses, backward, AdamW step). LoRA: peft r=8, alpha=16, all-linear (privtune's defaults).
@@ -17,14 +18,21 @@ Configurations (each runs in a fresh subprocess, so one's peak memory does not p
 - ``opacus-ghost-untied`` / ``dp-untied``: the same model with its LM head untied from the embedding (a separate
   copy of the weight, +28M parameters), because Opacus ghost clipping refuses tied parameters.
 
-Measured per configuration: median step time over ``--steps`` timed steps after ``--warmup`` steps, a phase
-breakdown (forward / backward / DP post-processing / optimizer; privtune's post-processing split further into
-per-sample terms, norms, clipped sums and noise), and peak memory over all steps above the memory held once the
-model, optimizer and DP wrapper are built (CPU: resident set size sampled every 5 ms, as ``PeakMemory`` does;
-CUDA: ``max_memory_allocated``). The AdamW state is allocated during the first step, so it is part of the peak.
+How it measures: every configuration runs in its own worker process (so one's peak memory does not pollute
+another's). ``--mode sequential`` (a quiet machine) runs them alone, one after the other; ``--mode interleaved`` (a
+machine shared with other jobs) runs the compared configurations as a *group*: their workers are started one after
+the other, then take their steps in turns (ABC, CBA, ABC, ...), so that load changes hit both sides of a ratio
+alike, and ratios are taken inside a group. ``--mode auto`` (default) waits up to ``--max-wait`` s for the load
+average to drop below ``--max-load`` and picks sequential if it did. Per configuration: median step time over ``--steps`` timed steps after ``--warmup`` steps,
+process CPU time per step, a phase breakdown (forward / backward / DP post-processing / optimizer; privtune's and
+Opacus's DP work split further by wrapping their functions in the worker process only), and peak memory over all
+steps above the memory held once the model, optimizer and DP wrapper are built (CPU: resident set size sampled
+every 5 ms; CUDA: ``max_memory_allocated``). The AdamW state is allocated during the first step, so it is part of
+the peak.
 
 The result table goes to stdout (rich) and to ``--out`` (default benchmarks/RESULTS.md), between the markers
-``<!-- dp_overhead:start -->`` and ``<!-- dp_overhead:end -->``; other sections of that file are left untouched.
+``<!-- dp_overhead:start -->`` and ``<!-- dp_overhead:end -->`` (other sections are left untouched), with the raw
+numbers in benchmarks/dp_overhead.json and the hand-written analysis of benchmarks/dp_overhead_notes.md appended.
 Opacus is used here only, never in privtune.
 """
 
@@ -50,7 +58,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MARK_START, MARK_END = "<!-- dp_overhead:start -->", "<!-- dp_overhead:end -->"
-SECTION_TITLE = "## DP overhead (issue 5)"
 
 # name -> (method, implementation, untied)
 CONFIGS: dict[str, tuple[str, str, bool]] = {
@@ -65,7 +72,6 @@ CONFIGS: dict[str, tuple[str, str, bool]] = {
     "opacus-hooks-lora": ("lora", "opacus-hooks", False),
     "opacus-ghost-lora": ("lora", "opacus-ghost", False),
 }
-DEFAULT_ORDER = list(CONFIGS)  # pairs that are compared run next to each other (less drift from machine load)
 
 # (numerator, denominator, target, label): the ratios the issue asks for
 RATIOS = [
@@ -444,114 +450,246 @@ def _opacus(model, trainable, batch, *, autocast, timer, lr, clip_norm, sigma, m
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One configuration, in this process
+# One configuration in this process: build once, then step on demand
 
 
-def run_config(name: str, *, model_name: str = "smollm2-135m", batch: int = 8, seq: int = 128, steps: int = 5,
-               warmup: int = 2, device: str = "auto", bf16: bool = False, seed: int = 0, clip_norm: float = 1.0,
-               sigma: float = 1.0, lr: float = 1e-5, threads: int | None = None, instrument: bool = True,
-               capture_update: bool = False) -> dict:
-    """Run ``warmup + steps`` steps of one configuration and return its measurements (never raises).
+def _error_text(err: BaseException) -> str:
+    return re.sub(r"\s+", " ", f"{type(err).__name__}: {err}".strip())[:600]
 
-    ``capture_update=True`` also returns ``update``: {parameter name: the gradient handed to the optimizer in
-    the first step} (for cross-checks; not JSON-serialisable).
+
+class Session:
+    """One configuration, built in this process; ``step()`` runs and times one training step.
+
+    Never raises: a failure (while building or stepping) is recorded in ``self.error`` and ends the session.
     """
-    import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    if name not in CONFIGS:
-        raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
-    method, impl, untied = CONFIGS[name]
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    result: dict = {"name": name, "method": method, "impl": impl, "untied": untied, "device": str(dev),
-                    "status": "ok", "load_start": load_average()}
-    t_start = time.perf_counter()
-    cleanups: list = []
-    try:
-        model, trainable = build_model(model_name, method, untied=untied, device=dev, seed=seed)
-        result["trainable_params"] = sum(p.numel() for p in trainable)
-        vocab = model.get_input_embeddings().num_embeddings
-        data = make_batch(batch=batch, seq=seq, vocab=vocab, seed=seed + 1, device=dev)
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-        timer = Timer(dev)
-        kwargs = dict(autocast=autocast, timer=timer, lr=lr, clip_norm=clip_norm, sigma=sigma, instrument=instrument,
-                      cleanups=cleanups)
-        if impl == "plain":
-            step = _plain(model, trainable, data, **kwargs)
-        elif impl == "privtune":
-            step = _privtune(model, trainable, data, **kwargs)
-        else:
-            step = _opacus(model, trainable, data, mode=impl.split("-")[1], **kwargs)
-        names = _base_named_parameters(model)
-        times, cpu_times, phases, losses, update = [], [], [], [], {}
-        with Memory(dev, timer) as memory:
-            for k in range(warmup + steps):
-                timer.sync()
-                t0, c0 = time.perf_counter(), time.process_time()
-                loss = step(k, capture=update if (capture_update and k == 0) else None)
-                timer.sync()
-                dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                losses.append(loss)
-                per_phase = timer.pop()
-                if k >= warmup:
-                    times.append(dt)
-                    cpu_times.append(dc)
-                    phases.append(per_phase)
+    def __init__(self, name: str, *, model_name: str = "smollm2-135m", batch: int = 8, seq: int = 128,
+                 device: str = "auto", bf16: bool = False, seed: int = 0, clip_norm: float = 1.0, sigma: float = 1.0,
+                 lr: float = 1e-5, threads: int | None = None, instrument: bool = True):
+        import torch
+
+        if name not in CONFIGS:
+            raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
+        if threads:
+            torch.set_num_threads(threads)
+        method, impl, untied = CONFIGS[name]
+        self.dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.batch, self.seq = batch, seq
+        self.info: dict = {"name": name, "method": method, "impl": impl, "untied": untied, "device": str(self.dev)}
+        self.error: str | None = None
+        self.traceback = ""
+        self.records: list[dict] = []
+        self.cleanups: list = []
+        self.memory: Memory | None = None
+        self.names: dict[int, str] = {}
+        self.timer = Timer(self.dev)
+        try:
+            model, trainable = build_model(model_name, method, untied=untied, device=self.dev, seed=seed)
+            self.info["trainable_params"] = sum(p.numel() for p in trainable)
+            vocab = model.get_input_embeddings().num_embeddings
+            data = make_batch(batch=batch, seq=seq, vocab=vocab, seed=seed + 1, device=self.dev)
+            autocast = torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=bf16)
+            kwargs = dict(autocast=autocast, timer=self.timer, lr=lr, clip_norm=clip_norm, sigma=sigma,
+                          instrument=instrument, cleanups=self.cleanups)
+            if impl == "plain":
+                self._step = _plain(model, trainable, data, **kwargs)
+            elif impl == "privtune":
+                self._step = _privtune(model, trainable, data, **kwargs)
+            else:
+                self._step = _opacus(model, trainable, data, mode=impl.split("-")[1], **kwargs)
+            self.names = _base_named_parameters(model)
+        except Exception as err:  # noqa: BLE001 - a configuration that fails is a result, recorded with its error
+            self._fail(err)
+
+    def _fail(self, err: BaseException) -> None:
+        self.error, self.traceback = _error_text(err), traceback.format_exc()[-3000:]
+        self._undo()
+
+    def _undo(self) -> None:
+        for undo in reversed(self.cleanups):  # instrumentation is measurement only: leave privtune as it was
+            undo()
+        self.cleanups.clear()
+
+    def step(self, capture: dict | None = None) -> dict | None:
+        """One timed step: {"step_s", "cpu_s", "phases", "loss", "load"}; None once the session has failed."""
+        if self.error is not None:
+            return None
+        if self.memory is None:  # the baseline: model, optimizer and DP wrapper built, no step run yet
+            self.memory = Memory(self.dev, self.timer).__enter__()
+        try:
+            self.timer.sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = self._step(len(self.records), capture=capture)
+            self.timer.sync()
+            record = {"step_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                      "phases": self.timer.pop(), "loss": loss, "load": load_average()}
+        except Exception as err:  # noqa: BLE001
+            self._fail(err)
+            return None
+        self.records.append(record)
+        return record
+
+    def finish(self, warmup: int) -> dict:
+        """The configuration's result: medians over the records after ``warmup``, peak memory, or the error."""
+        if self.memory is not None:
+            self.memory.__exit__(None, None, None)
+        self._undo()
+        result = dict(self.info, status="ok" if self.error is None else "error")
+        if self.error is not None:
+            result.update(error=self.error, traceback=self.traceback)
+            return result
+        timed = self.records[warmup:]
+        times = [r["step_s"] for r in timed]
+        losses = [r["loss"] for r in self.records]
         result.update(
             step_s=statistics.median(times) if times else float("nan"),
             step_s_all=[round(t, 4) for t in times],
-            cpu_s=statistics.median(cpu_times) if cpu_times else float("nan"),
-            tokens_per_s=(batch * seq / statistics.median(times)) if times else float("nan"),
-            peak_mem_bytes=memory.peak_delta,
-            phase_peak_mem_bytes=memory.phase_peak_delta,
-            baseline_mem_bytes=memory.baseline,
-            phases={p: statistics.median(ph.get(p, 0.0) for ph in phases) for p in (phases[0] if phases else {})},
+            cpu_s=statistics.median(r["cpu_s"] for r in timed) if timed else float("nan"),
+            tokens_per_s=(self.batch * self.seq / statistics.median(times)) if times else float("nan"),
+            peak_mem_bytes=self.memory.peak_delta if self.memory else 0,
+            phase_peak_mem_bytes=self.memory.phase_peak_delta if self.memory else {},
+            baseline_mem_bytes=self.memory.baseline if self.memory else 0,
+            phases={p: statistics.median(r["phases"].get(p, 0.0) for r in timed) for p in
+                    (timed[0]["phases"] if timed else {})},
             losses=losses,
             finite=all(math.isfinite(x) for x in losses) and all(math.isfinite(t) for t in times),
+            load_during=[round(r["load"], 2) for r in timed],
         )
-        if capture_update:
-            result["update"] = {names[i]: g for i, g in update.items()}
-    except Exception as err:  # noqa: BLE001 - a configuration that fails is a result, recorded with its error
-        result["status"] = "error"
-        msg = f"{type(err).__name__}: {err}".strip()
-        result["error"] = re.sub(r"\s+", " ", msg)[:600]
-        result["traceback"] = traceback.format_exc()[-3000:]
-    finally:
-        for undo in reversed(cleanups):  # instrumentation is measurement only: leave privtune as it was
-            undo()
-    result["load_end"] = load_average()
-    result["wall_s"] = time.perf_counter() - t_start
+        return result
+
+
+def run_config(name: str, *, steps: int = 3, warmup: int = 1, capture_update: bool = False, **kwargs) -> dict:
+    """Build one configuration in this process and run ``warmup + steps`` steps; return its result (never raises).
+
+    ``kwargs`` go to ``Session`` (model_name, batch, seq, device, bf16, seed, clip_norm, sigma, lr, threads,
+    instrument). ``capture_update=True`` also returns ``update``: {parameter name: the gradient handed to the
+    optimizer in the first step} (for cross-checks; not JSON-serialisable).
+    """
+    session = Session(name, **kwargs)
+    update: dict = {}
+    for k in range(warmup + steps):
+        if session.step(capture=update if (capture_update and k == 0) else None) is None:
+            break
+    result = session.finish(warmup)
+    if capture_update and result["status"] == "ok":
+        result["update"] = {session.names[i]: g for i, g in update.items()}
     return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Driver: one subprocess per configuration
+# Driver: one worker process per configuration; the configurations of a group take their steps in turns
+
+PROTOCOL = "@@dp_overhead@@ "  # prefix of the worker's protocol lines on stdout (libraries may print too)
 
 
-def _run_subprocess(name: str, args) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--result-file", str(out),
-               "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads),
-               "--clip-norm", str(args.clip_norm), "--sigma", str(args.sigma)]
-        if args.bf16:
-            cmd.append("--bf16")
+def serve(name: str, args) -> int:
+    """Worker: build ``name``, say "ready", then answer "step" / "finish" commands read from stdin."""
+    session = Session(name, model_name=args.model, batch=args.batch, seq=args.seq, device=args.device,
+                      bf16=args.bf16, threads=args.threads, clip_norm=args.clip_norm, sigma=args.sigma)
+
+    def say(obj):
+        sys.stdout.write(PROTOCOL + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    say({"ready": session.error is None, "error": session.error})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            record = session.step()
+            say({"ok": record is not None, "record": record, "error": session.error})
+        elif command == "finish":
+            say({"result": session.finish(args.warmup)})
+            return 0
+    return 0
+
+
+class Worker:
+    """The driver's handle on one worker process."""
+
+    def __init__(self, name: str, args):
+        self.name = name
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", name, "--model", args.model,
+               "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
+               "--device", args.device, "--threads", str(args.threads), "--clip-norm", str(args.clip_norm),
+               "--sigma", str(args.sigma)] + (["--bf16"] if args.bf16 else [])
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
                    HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-        if args.omp_wait_policy != "default":
+        if args.omp_wait_policy not in ("default", "auto"):
             env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.config_timeout)
-        if out.exists():
-            return json.loads(out.read_text())
-        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        if proc.returncode in (-9, 137):
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, bufsize=1)
+        self.failure: str | None = None
+        hello = self._read()
+        if hello is not None and not hello.get("ready"):
+            self.failure = hello.get("error") or "setup failed"
+
+    def _read(self) -> dict | None:
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL):])
+        code = self.proc.wait()
+        why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        if code in (-9, 137):
             why += " (likely out of memory)"
-        tail = re.sub(r"\s+", " ", (proc.stderr or "")[-400:])
-        return {"name": name, "status": "error", "error": f"worker {why}: {tail}",
-                "wall_s": time.perf_counter() - t0}
+        self.stderr.seek(0)
+        tail = re.sub(r"\s+", " ", self.stderr.read()[-400:])
+        self.failure = f"worker {why}: {tail}"
+        return None
+
+    def command(self, what: str) -> dict | None:
+        if self.proc.poll() is not None:
+            return self._read()
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def step(self) -> bool:
+        if self.failure is not None:
+            return False
+        reply = self.command("step")
+        if reply is None or not reply.get("ok"):
+            if reply is not None:
+                self.failure = reply.get("error")
+            return False
+        return True
+
+    def finish(self) -> dict:
+        reply = self.command("finish") if self.proc.poll() is None else None
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait()
+        self.stderr.close()
+        if reply is not None and "result" in reply:
+            return reply["result"]
+        return {"name": self.name, "status": "error", "error": self.failure or "worker ended without a result"}
+
+
+def run_group(names: list[str], args, log) -> dict:
+    """Start one worker per configuration (one after another), then let them step in turns: ABC, CBA, ABC, ...
+
+    Interleaving makes the configurations of a group see the same machine load, so their ratios hold even when
+    other jobs come and go (a machine shared with other engineers' tests).
+    """
+    load_start, t0 = load_average(), time.time()
+    workers = []
+    for name in names:
+        w = Worker(name, args)
+        if w.failure:
+            log(f"{name}: FAILED during setup: {w.failure}")
+        workers.append(w)
+    for k in range(args.warmup + args.steps):
+        for w in (workers if k % 2 == 0 else workers[::-1]):
+            if w.failure is None and not w.step():
+                log(f"{w.name}: FAILED at step {k}: {w.failure}")
+        live = [w.name for w in workers if w.failure is None]
+        if live:
+            log(f"  step {k + 1}/{args.warmup + args.steps} of {', '.join(live)} (load {load_average():.2f})")
+    results = {w.name: w.finish() for w in workers}
+    return {"configs": names, "results": results, "load_start": load_start, "load_end": load_average(),
+            "wall_s": time.time() - t0}
 
 
 def wait_for_quiet(max_load: float, max_wait: float, log) -> tuple[float, float]:
@@ -565,17 +703,25 @@ def wait_for_quiet(max_load: float, max_wait: float, log) -> tuple[float, float]
     return load, time.time() - t0
 
 
-def compute_ratios(results: dict[str, dict]) -> list[dict]:
+def compute_ratios(groups: list[dict]) -> list[dict]:
+    """The issue's ratios: from a group that ran both configurations (interleaved) if there is one, else from the
+    first result of each (sequential runs)."""
     rows = []
     for num, den, target, label in RATIOS:
-        a, b = results.get(num), results.get(den)
-        if not a or not b:
-            continue
-        row = {"label": label, "num": num, "den": den, "target": target}
+        group = next((g for g in groups if num in g["results"] and den in g["results"]), None)
+        if group is not None:
+            a, b, where = group["results"][num], group["results"][den], str(groups.index(group) + 1)
+        else:
+            ia = next((i for i, g in enumerate(groups) if num in g["results"]), None)
+            ib = next((i for i, g in enumerate(groups) if den in g["results"]), None)
+            if ia is None or ib is None:
+                continue
+            a, b, where = groups[ia]["results"][num], groups[ib]["results"][den], f"{ia + 1}/{ib + 1}"
+        row = {"label": label, "num": num, "den": den, "target": target, "group": where}
         if a.get("status") == "ok" and b.get("status") == "ok":
             row["time"] = a["step_s"] / b["step_s"]
+            row["cpu"] = a["cpu_s"] / b["cpu_s"]
             row["memory"] = a["peak_mem_bytes"] / max(b["peak_mem_bytes"], 1)
-            row["cpu"] = a["cpu_s"] / b["cpu_s"] if a.get("cpu_s") and b.get("cpu_s") else float("nan")
             row["meets"] = row["time"] <= target
         else:
             failed = [x["name"] for x in (a, b) if x.get("status") != "ok"]
@@ -592,173 +738,217 @@ def _children(phases: dict, parent: str) -> str:
     return " [" + ", ".join(f"{k[len(parent) + 1:]} {phases[k]:.2f}{_children(phases, k)}" for k in kids) + "]"
 
 
-def breakdown_rows(results: dict[str, dict]) -> list[dict]:
-    """Per configuration: forward | autograd backward | DP clipping outside autograd | DP post | optimizer."""
-    rows = []
-    for name, r in results.items():
-        if r.get("status") != "ok":
-            continue
-        ph, impl = r["phases"], r.get("impl", "")
-        row = {"name": name, "step": r["step_s"], "forward": ph.get("forward", 0.0), "optimizer": ph.get("optimizer", 0.0)}
-        if impl == "privtune":
-            row["autograd"] = ph.get("backward/autograd", float("nan"))
-            row["clip"] = ph["backward"] - row["autograd"]  # engine._consume + bookkeeping
-            row["post"] = ph.get("dp post", 0.0)
-        elif impl.startswith("opacus"):
-            row["autograd"] = ph["backward"]  # includes Opacus's hooks (per-sample grads / ghost norms)
-            row["clip"] = ph.get("dp post/clip_and_accumulate", 0.0)
-            row["post"] = ph.get("dp post", 0.0) - row["clip"]
-        else:
-            row["autograd"], row["clip"], row["post"] = ph.get("backward", 0.0), 0.0, 0.0
-        row["other"] = row["step"] - sum(row[k] for k in ("forward", "autograd", "clip", "post", "optimizer"))
-        rows.append(row)
-    return rows
+def breakdown_row(r: dict) -> dict:
+    """forward | autograd backward | DP clipping outside autograd | noise etc. | optimizer | other, for one result."""
+    ph, impl = r["phases"], r.get("impl", "")
+    row = {"name": r["name"], "step": r["step_s"], "forward": ph.get("forward", 0.0),
+           "optimizer": ph.get("optimizer", 0.0)}
+    if impl == "privtune":
+        row["autograd"] = ph.get("backward/autograd", float("nan"))
+        row["clip"] = ph["backward"] - row["autograd"]  # engine._consume + bookkeeping
+        row["post"] = ph.get("dp post", 0.0)
+    elif impl.startswith("opacus"):
+        row["autograd"] = ph["backward"]  # includes Opacus's hooks (per-sample grads / ghost norms)
+        row["clip"] = ph.get("dp post/clip_and_accumulate", 0.0)
+        row["post"] = ph.get("dp post", 0.0) - row["clip"]
+    else:
+        row["autograd"], row["clip"], row["post"] = ph.get("backward", 0.0), 0.0, 0.0
+    row["other"] = row["step"] - sum(row[k] for k in ("forward", "autograd", "clip", "post", "optimizer"))
+    return row
 
 
 def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def results_markdown(results: dict[str, dict], ratios: list[dict], meta: dict) -> str:
-    lines = [SECTION_TITLE, ""]
-    lines += [
-        f"Measured {meta['date']} with `{meta['command']}` ({meta['wall_min']:.1f} min).",
-        "",
-        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores visible, "
-        f"{meta['machine'].get('ram_gib', '?')} GiB RAM; device `{meta['machine']['device']}`"
-        + (f" ({meta['machine']['gpu']})" if "gpu" in meta["machine"] else "")
-        + f"; {meta['threads']} torch threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}; torch {meta['machine']['torch']}, transformers "
-        f"{meta['machine']['transformers']}, peft {meta['machine']['peft']}, opacus {meta['machine']['opacus']}, "
-        f"Python {meta['machine']['python']}.",
-        f"Load average (1 min) before the run: {meta['load_before']:.2f} (waited {meta['waited_s']:.0f} s for it to "
-        f"drop below {meta['max_load']}); per configuration it is listed below. The machine is shared with other "
-        "engineers' tests, so expect a few percent of noise in the times.",
+def _f(x, fmt="{:.2f}") -> str:
+    return fmt.format(x) if isinstance(x, (int, float)) and math.isfinite(x) else "—"
+
+
+def results_markdown(groups: list[dict], ratios: list[dict], meta: dict) -> str:
+    """The section body (without its title, which ``replace_section`` adds)."""
+    m = meta["machine"]
+    lines = [
+        f"Command: `{meta['command']}` ({meta['wall_min']:.1f} min, finished {meta['date']})  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores visible, {m.get('ram_gib', '?')} GiB RAM; device `{m['device']}`"
+        + (f" ({m['gpu']})" if "gpu" in m else "")
+        + f"; {meta['threads']} torch threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}; torch {m['torch']}, "
+        f"transformers {m['transformers']}, peft {m['peft']}, opacus {m['opacus']}, Python {m['python']}  ",
+        f"Load average (1 min): {meta['load_before']:.2f} at the start (after waiting {meta['waited_s']:.0f} s for "
+        f"< {meta['max_load']}; the benchmark's own 2 threads count about 2), per group below. Mode: "
+        f"**{meta.get('mode', 'interleaved')}** — "
+        + ("each configuration alone in its own process, one after the other (the machine was quiet)."
+           if meta.get("mode") == "sequential" else
+           "the configurations of a group take their steps in turns (ABC, CBA, ...) so that they see the same load, "
+           "and ratios are taken inside a group (the machine was shared with other jobs)."),
         "",
         f"Setting: model `{meta['model']}`, batch {meta['batch']} x {meta['seq']} tokens (random token ids, fixed "
-        f"length, every position carries loss), {'bf16 autocast' if meta['bf16'] else 'fp32'}, AdamW, flat "
-        f"clipping C={meta['clip_norm']}, sigma={meta['sigma']}, one logical step = the batch as one micro-batch. "
-        f"Step time: median of {meta['steps']} timed steps after {meta['warmup']} warm-up steps, each configuration "
-        "in a fresh subprocess. Memory: peak above the level once model, optimizer and DP wrapper are built, over "
-        "all steps (includes the AdamW state allocated in step 1 and the gradients); CPU = sampled RSS (5 ms), "
-        "CUDA = `max_memory_allocated`.",
+        f"length, every position carries loss), {'bf16 autocast' if meta['bf16'] else 'fp32'}, AdamW (torch "
+        f"default, as the recipe), flat clipping C={meta['clip_norm']}, sigma={meta['sigma']}, one logical step = "
+        f"the batch as one micro-batch, reproducible noise (`secure_rng=false`, the default). Step time: median of "
+        f"{meta['steps']} timed steps after {meta['warmup']} warm-up step(s); CPU time: process CPU seconds per "
+        "step (all threads). Memory: peak above the level once model, optimizer and DP wrapper are built, over all "
+        "steps (so it includes the AdamW state allocated in the first step, and the gradients); CPU = resident set "
+        "size sampled every 5 ms in each configuration's own process, CUDA = `max_memory_allocated`.",
         "",
-        "| configuration | trainable params | step time (s) | CPU time (s) | tokens/s | peak memory (MiB) | "
-        "load start/end | status |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        "| group | configuration | trainable params | step time (s) | CPU time (s) | tokens/s | peak memory (MiB) | "
+        "status |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for name, r in results.items():
-        if r.get("status") == "ok":
-            lines.append(
-                f"| `{name}` | {r['trainable_params'] / 1e6:.2f}M | {r['step_s']:.2f} | {r.get('cpu_s', float('nan')):.2f} | "
-                f"{r['tokens_per_s']:.0f} | "
-                f"{_mb(r['peak_mem_bytes'])} | {r.get('load_start', float('nan')):.1f}/{r.get('load_end', float('nan')):.1f} | ok |")
-        else:
-            lines.append(f"| `{name}` | | | | | | | **failed**: {r.get('error', '?')} |")
-    lines += ["", "Ratios (target applies to the step time; CPU time = process CPU seconds per step, all threads, "
-              "a cross-check that is less sensitive to other processes' load):", "",
-              "| ratio | step time | CPU time | peak memory | target (time) | met? |", "|---|---:|---:|---:|---:|---|"]
+    for i, g in enumerate(groups, 1):
+        for name, r in g["results"].items():
+            if r.get("status") == "ok":
+                lines.append(f"| {i} | `{name}` | {r['trainable_params'] / 1e6:.2f}M | {_f(r['step_s'])} | "
+                             f"{_f(r['cpu_s'])} | {_f(r['tokens_per_s'], '{:.0f}')} | {_mb(r['peak_mem_bytes'])} | ok |")
+            else:
+                lines.append(f"| {i} | `{name}` | | | | | | **failed**: {r.get('error', '?')} |")
+    lines += ["", "Load average per group: " + "; ".join(
+        f"{i}: {g['load_start']:.1f} -> {g['load_end']:.1f}" for i, g in enumerate(groups, 1)) + ".", ""]
+    lines += ["Ratios (group: where the two numbers come from; the target applies to the step time):", "",
+              "| ratio | group | step time | CPU time | peak memory | target (time) | met? |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for row in ratios:
         if "time" in row:
-            lines.append(f"| {row['label']} | {row['time']:.3f}x | {row['cpu']:.3f}x | {row['memory']:.2f}x | "
-                         f"<= {row['target']:.2f}x | {'yes' if row['meets'] else '**no**'} |")
+            lines.append(f"| {row['label']} | {row['group']} | {row['time']:.3f}x | {row['cpu']:.3f}x | "
+                         f"{row['memory']:.2f}x | <= {row['target']:.2f}x | {'yes' if row['meets'] else '**no**'} |")
         else:
-            lines.append(f"| {row['label']} | — | — | — | <= {row['target']:.2f}x | n/a ({row['note']}) |")
-    lines += ["", "Phase breakdown: median seconds per step, and the peak memory (MiB above the baseline) reached while "
-              "the phase ran; bracketed items are parts of the phase before them, nested in the order shown (privtune's engine internals, "
-              "timed by wrapping its functions in the benchmark process only):", ""]
-    ok = [n for n, r in results.items() if r.get("status") == "ok"]
-    for name in ok:
-        r = results[name]
-        peaks = r.get("phase_peak_mem_bytes", {})
-        parts = []
-        for p in [q for q in r["phases"] if "/" not in q]:
-            mem = f" / {_mb(peaks[p])} MiB" if p in peaks else ""
-            parts.append(f"**{p}** {r['phases'][p]:.2f}{mem}{_children(r['phases'], p)}")
-        lines.append(f"- `{name}` ({r['step_s']:.2f} s): {', '.join(parts)}")
-    bd = breakdown_rows(results)
-    if bd:
-        lines += ["", "Breakdown table (median s per step; the median of each phase, so columns need not add up exactly):",
-                  "", "| configuration | forward | backward (autograd) | DP clipping outside autograd | noise, scale, "
+            lines.append(f"| {row['label']} | {row['group']} | — | — | — | <= {row['target']:.2f}x | "
+                         f"n/a ({row['note']}) |")
+    firsts: dict[str, dict] = {}
+    for g in groups:
+        for name, r in g["results"].items():
+            if r.get("status") == "ok":
+                firsts.setdefault(name, r)
+    if firsts:
+        lines += ["", "Breakdown (median s per step, first group each configuration ran in; each column is the median "
+                  "of that phase, so a row need not add up exactly):", "",
+                  "| configuration | forward | backward (autograd) | DP clipping outside autograd | noise, scale, "
                   "set grads | optimizer | other | step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in bd:
+        for r in firsts.values():
+            row = breakdown_row(r)
             lines.append(f"| `{row['name']}` | {row['forward']:.2f} | {row['autograd']:.2f} | {row['clip']:.2f} | "
                          f"{row['post']:.2f} | {row['optimizer']:.2f} | {row['other']:.2f} | {row['step']:.2f} |")
         lines += ["", "For privtune, *backward (autograd)* is `torch.autograd.backward` inside `engine.backward` "
                   "(activation gradients only: the weights have `requires_grad=False`) and *DP clipping* is the rest "
-                  "of `engine.backward` (`_consume`: per-sample terms, norms, clip factors, the clipped-sum matmuls "
-                  "that replace autograd's weight gradients). For Opacus hooks mode the per-sample gradients are "
-                  "computed inside autograd's backward hooks (so they are in *backward*) and *DP clipping* is "
-                  "`clip_and_accumulate`; ghost mode's two backward passes (norms, then the clipped gradient) are "
-                  "both in *backward*."]
-    errors = [(n, r) for n, r in results.items() if r.get("status") != "ok"]
+                  "of `engine.backward` (`_consume`: per-sample terms, norms, clip factors, and the clipped-sum "
+                  "matmuls that replace autograd's weight gradients). For Opacus hooks mode the per-sample "
+                  "gradients are computed inside autograd's backward hooks (so they are in *backward*) and *DP "
+                  "clipping* is `clip_and_accumulate`; ghost mode's two backward passes (norms, then the clipped "
+                  "gradient) are both in *backward*.", "",
+                  "Phases in detail (median s; peak memory above the baseline while the phase ran; brackets: parts "
+                  "of the phase, timed by wrapping privtune's / Opacus's functions in the benchmark process only):",
+                  ""]
+        for name, r in firsts.items():
+            peaks = r.get("phase_peak_mem_bytes", {})
+            parts = []
+            for p in [q for q in r["phases"] if "/" not in q]:
+                mem = f" / {_mb(peaks[p])} MiB" if p in peaks else ""
+                parts.append(f"{p} {r['phases'][p]:.2f}{mem}{_children(r['phases'], p)}")
+            lines.append(f"- `{name}` ({r['step_s']:.2f} s): {'; '.join(parts)}")
+    errors = {name: r for g in groups for name, r in g["results"].items() if r.get("status") != "ok"}
     if errors:
         lines += ["", "Failures (exact errors):", ""]
-        for name, r in errors:
+        for name, r in errors.items():
             lines.append(f"- `{name}`: `{r.get('error', '?')}`")
     if meta.get("notes"):
         lines += ["", meta["notes"].strip()]
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, body: str) -> None:
+SECTION_KEY, SECTION_NAME = "dp_overhead", "DP overhead (issue 5)"
+NOTES_FILE = HERE / "dp_overhead_notes.md"  # hand-written analysis appended to the section, when present
+
+
+def write_section(path: Path, body: str, *, measured: str | None = None) -> None:
     """Replace this benchmark's section of ``path`` (between the markers), keeping every other section."""
-    block = f"{MARK_START}\n{body}{MARK_END}\n"
-    if path.exists():
-        text = path.read_text()
-        pattern = re.compile(re.escape(MARK_START) + r".*?" + re.escape(MARK_END) + r"\n?", re.S)
-        text = pattern.sub(lambda _: block, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# Benchmark results\n\nOne section per benchmark; each script rewrites only its own section.\n\n" + block
-    path.write_text(text)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_privtune_bench_results", HERE / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.replace_section(path, SECTION_KEY, SECTION_NAME, body, measured=measured)
 
 
-NOTES_FILE = HERE / "dp_overhead_notes.md"  # optional hand-written analysis appended to the section
-
-
-def print_table(results: dict[str, dict], ratios: list[dict]) -> None:
+def print_table(groups: list[dict], ratios: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(stderr=False)
-    t = Table(title="DP overhead (issue 5)")
-    for col in ("configuration", "params", "step s", "cpu s", "tok/s", "peak MiB", "status"):
-        t.add_column(col, justify="right" if col not in ("configuration", "status") else "left")
-    for name, r in results.items():
-        if r.get("status") == "ok":
-            t.add_row(name, f"{r['trainable_params'] / 1e6:.2f}M", f"{r['step_s']:.2f}", f"{r.get('cpu_s', float('nan')):.2f}",
-                      f"{r['tokens_per_s']:.0f}",
-                      _mb(r["peak_mem_bytes"]), "ok")
-        else:
-            t.add_row(name, "", "", "", "", "", f"failed: {r.get('error', '?')[:120]}")
+    t = Table(title=SECTION_NAME)
+    for col in ("group", "configuration", "params", "step s", "cpu s", "tok/s", "peak MiB", "status"):
+        t.add_column(col, justify="left" if col in ("configuration", "status") else "right")
+    for i, g in enumerate(groups, 1):
+        for name, r in g["results"].items():
+            if r.get("status") == "ok":
+                t.add_row(str(i), name, f"{r['trainable_params'] / 1e6:.2f}M", _f(r["step_s"]), _f(r["cpu_s"]),
+                          _f(r["tokens_per_s"], "{:.0f}"), _mb(r["peak_mem_bytes"]), "ok")
+            else:
+                t.add_row(str(i), name, "", "", "", "", "", f"failed: {r.get('error', '?')[:100]}")
     console.print(t)
     rt = Table(title="ratios")
-    for col in ("ratio", "time", "cpu", "memory", "target", "met"):
+    for col in ("ratio", "group", "time", "cpu", "memory", "target", "met"):
         rt.add_column(col)
     for row in ratios:
         if "time" in row:
-            rt.add_row(row["label"], f"{row['time']:.3f}x", f"{row['cpu']:.3f}x", f"{row['memory']:.2f}x",
-                       f"<= {row['target']:.2f}x",
-                       "yes" if row["meets"] else "NO")
+            rt.add_row(row["label"], str(row["group"]), f"{row['time']:.3f}x", f"{row['cpu']:.3f}x",
+                       f"{row['memory']:.2f}x", f"<= {row['target']:.2f}x", "yes" if row["meets"] else "NO")
         else:
-            rt.add_row(row["label"], "—", "—", "—", f"<= {row['target']:.2f}x", row["note"])
+            rt.add_row(row["label"], str(row["group"]), "—", "—", "—", f"<= {row['target']:.2f}x", row["note"])
     console.print(rt)
+
+
+# Quiet machine: every configuration alone, one after the other (the fastest and most faithful measurement here).
+SEQUENTIAL_GROUPS = "full;dp;lora;dp-lora;opacus-hooks;opacus-ghost;opacus-ghost-untied;dp-untied;opacus-hooks-lora;" \
+                    "opacus-ghost-lora"
+# Busy machine: the compared configurations take their steps in turns, so load changes hit both sides alike. On
+# this VM interleaving itself costs time (measured: full +12 %, dp +20 % per step against running alone; the idle
+# worker's memory goes cold), so it biases dp / full upwards: use it only when the machine is shared.
+INTERLEAVED_GROUPS = "full,dp;lora,dp-lora;dp,opacus-hooks;opacus-ghost;dp-untied,opacus-ghost-untied;" \
+                     "dp-lora,opacus-hooks-lora,opacus-ghost-lora"
+
+
+def parse_groups(spec: str, only: str | None) -> list[list[str]]:
+    groups = [[n.strip() for n in part.split(",") if n.strip()] for part in spec.split(";")]
+    unknown = sorted({n for g in groups for n in g if n not in CONFIGS})
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    if only:
+        keep = [n.strip() for n in only.split(",") if n.strip()]
+        unknown = sorted(set(keep) - set(CONFIGS))
+        if unknown:
+            raise SystemExit(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+        filtered, placed = [], set()
+        for g in ([n for n in g if n in keep] for g in groups):
+            if len(g) == 1 and g[0] in placed:
+                continue  # what is left of a group is a configuration that already runs elsewhere
+            filtered.append(g)
+            placed.update(g)
+        groups = filtered + [[n] for n in keep if n not in placed]
+    return [g for g in groups if g]
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (AdamW state allocation, page-ins)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (as performance.precision=bf16)")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--configs", default=",".join(DEFAULT_ORDER), help="comma-separated subset, run in this order")
+    ap.add_argument("--mode", default="auto", choices=["auto", "sequential", "interleaved"],
+                    help="sequential: each configuration alone, one after the other (for a quiet machine);\n"
+                         "interleaved: compared configurations take their steps in turns (for a busy machine);\n"
+                         "auto (default): sequential if the load average dropped below --max-load, else interleaved")
+    ap.add_argument("--groups", help="explicit ';'-separated groups of ','-separated configurations (overrides --mode);\n"
+                         "a group's configurations run at the same time and step in turns")
+    ap.add_argument("--configs", help="keep only these configurations (comma-separated) of --groups")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
-                    help="OMP_WAIT_POLICY of the workers. PASSIVE (default): on a machine shared with other jobs,\n"
-                         "spinning OpenMP threads wait for descheduled peers and a 2-thread step gets several times\n"
-                         "slower (tiny-llama: 50x); 'default' leaves the variable as it is")
+    ap.add_argument("--omp-wait-policy", default="auto", choices=["auto", "PASSIVE", "ACTIVE", "default"],
+                    help="OMP_WAIT_POLICY of the workers. On a busy machine spinning OpenMP threads wait for\n"
+                         "descheduled peers and a 2-thread step gets several times slower (tiny-llama: 50x), which\n"
+                         "PASSIVE avoids; on a quiet one PASSIVE costs ~10 %%. auto (default): PASSIVE when\n"
+                         "interleaved, else the environment's setting ('default' = leave the variable as it is)")
     ap.add_argument("--clip-norm", type=float, default=1.0)
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown file whose dp_overhead section is rewritten")
@@ -768,9 +958,7 @@ def parse_args(argv=None):
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout instead of tables")
     ap.add_argument("--max-load", type=float, default=2.5, help="wait for the 1-min load average to drop below this")
     ap.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for a quiet machine (then run anyway)")
-    ap.add_argument("--config-timeout", type=float, default=1800.0)
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--result-file", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -779,59 +967,58 @@ def main(argv=None) -> int:
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         meta = dict(saved["meta"], notes=NOTES_FILE.read_text() if NOTES_FILE.exists() else "")
-        write_section(Path(args.out), results_markdown(saved["results"], saved["ratios"], meta))
+        write_section(Path(args.out), results_markdown(saved["groups"], saved["ratios"], meta), measured=meta["date"])
         return 0
-    if args.worker:  # child process: one configuration
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        res = run_config(args.worker, model_name=args.model, batch=args.batch, seq=args.seq, steps=args.steps,
-                         warmup=args.warmup, device=args.device, bf16=args.bf16, threads=args.threads,
-                         clip_norm=args.clip_norm, sigma=args.sigma)
-        Path(args.result_file).write_text(json.dumps(res))
-        return 0
+    if args.serve:  # worker process: one configuration
+        return serve(args.serve, args)
 
     def log(msg):
         print(f"[dp_overhead] {msg}", file=sys.stderr, flush=True)
 
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        print(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
-        return 2
     import torch
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    args.device = device
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     load, waited = wait_for_quiet(args.max_load, args.max_wait, log)
+    if args.groups:
+        mode = "explicit groups"
+    else:
+        mode = args.mode if args.mode != "auto" else ("sequential" if load < args.max_load else "interleaved")
+    groups_spec = parse_groups(args.groups or (SEQUENTIAL_GROUPS if mode == "sequential" else INTERLEAVED_GROUPS),
+                               args.configs)
+    if args.omp_wait_policy == "auto":
+        args.omp_wait_policy = "PASSIVE" if mode == "interleaved" else "default"
+    log(f"mode: {mode}, OMP_WAIT_POLICY={args.omp_wait_policy} (load {load:.2f})")
     t0 = time.time()
-    results: dict[str, dict] = {}
-    for name in names:
-        log(f"{name}: running (load {load_average():.2f})")
-        r = _run_subprocess(name, args)
-        results[name] = r
-        if r.get("status") == "ok":
-            log(f"{name}: {r['step_s']:.2f} s/step, peak {_mb(r['peak_mem_bytes'])} MiB (wall {r['wall_s']:.0f} s)")
-        else:
-            log(f"{name}: FAILED {r.get('error')}")
-    ratios = compute_ratios(results)
-    cmd = "python benchmarks/dp_overhead.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
-        sys.argv[1:] if argv is None else argv))
-    meta = dict(date=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), command=cmd,
-                wall_min=(time.time() - t0) / 60, machine=machine_info(device), threads=args.threads,
-                load_before=load, waited_s=waited, omp_wait_policy=args.omp_wait_policy, max_load=args.max_load,
-                model=args.model, batch=args.batch,
+    groups = []
+    for i, names in enumerate(groups_spec, 1):
+        log(f"group {i}/{len(groups_spec)}: {', '.join(names)} (load {load_average():.2f})")
+        g = run_group(names, args, log)
+        for name, r in g["results"].items():
+            if r.get("status") == "ok":
+                log(f"  {name}: {r['step_s']:.2f} s/step, cpu {r['cpu_s']:.2f} s, peak {_mb(r['peak_mem_bytes'])} MiB")
+            else:
+                log(f"  {name}: FAILED {r.get('error')}")
+        groups.append(g)
+    ratios = compute_ratios(groups)
+    given = sys.argv[1:] if argv is None else list(argv)
+    meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                command=" ".join(["python benchmarks/dp_overhead.py", *given]), wall_min=(time.time() - t0) / 60,
+                machine=machine_info(args.device), threads=args.threads, load_before=load, waited_s=waited,
+                omp_wait_policy=args.omp_wait_policy, mode=mode, max_load=args.max_load, model=args.model, batch=args.batch,
                 seq=args.seq, bf16=args.bf16, clip_norm=args.clip_norm, sigma=args.sigma, steps=args.steps,
-                warmup=args.warmup,
-                notes=NOTES_FILE.read_text() if NOTES_FILE.exists() else "")
-    for r in results.values():
-        r.pop("traceback", None)
-    raw = {"meta": {k: v for k, v in meta.items() if k != "notes"}, "results": results, "ratios": ratios}
+                warmup=args.warmup)
+    for g in groups:
+        for r in g["results"].values():
+            r.pop("traceback", None)
+    raw = {"meta": meta, "groups": groups, "ratios": ratios}
     if args.json:
         print(json.dumps(raw, indent=2))
     else:
-        print_table(results, ratios)
+        print_table(groups, ratios)
     if not args.no_write:
         out = Path(args.out)
-        write_section(out, results_markdown(results, ratios, meta))
+        notes = NOTES_FILE.read_text() if NOTES_FILE.exists() else ""
+        write_section(out, results_markdown(groups, ratios, dict(meta, notes=notes)))
         (out.parent / "dp_overhead.json").write_text(json.dumps(raw, indent=1) + "\n")
         log(f"wrote the dp_overhead section of {out} and {out.parent / 'dp_overhead.json'}")
     return 0

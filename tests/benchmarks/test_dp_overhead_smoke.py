@@ -77,8 +77,27 @@ def test_privtune_update_equals_opacus_update_without_noise(bench, ours, theirs,
 def test_section_replacement_keeps_other_sections(bench, tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmark results\n\n<!-- other:start -->\nother section\n<!-- other:end -->\n")
-    bench.write_section(out, "## DP overhead (issue 5)\n\nfirst\n")
-    bench.write_section(out, "## DP overhead (issue 5)\n\nsecond\n")
+    bench.write_section(out, "first body\n")
+    bench.write_section(out, "second body\n")
     text = out.read_text()
-    assert "other section" in text and "second" in text and "first" not in text
+    assert "other section" in text and "second body" in text and "first body" not in text
     assert text.count(bench.MARK_START) == 1 and text.count(bench.MARK_END) == 1
+    assert text.count("## DP overhead (issue 5)") == 1
+
+
+def test_markdown_renders_groups_ratios_and_failures(bench):
+    ok = {"name": "full", "status": "ok", "impl": "plain", "trainable_params": 10, "step_s": 2.0, "cpu_s": 3.0,
+          "tokens_per_s": 5.0, "peak_mem_bytes": 2**20, "phases": {"forward": 1.0, "backward": 0.8, "optimizer": 0.2},
+          "phase_peak_mem_bytes": {"forward": 2**20}}
+    dp = dict(ok, name="dp", impl="privtune", step_s=2.4, phases={"forward": 1.0, "backward": 1.1,
+              "backward/autograd": 0.8, "backward/engine._consume": 0.3, "dp post": 0.1, "optimizer": 0.2})
+    failed = {"name": "opacus-ghost", "status": "error", "error": "NotImplementedError: Parameter tying"}
+    groups = [{"configs": ["full", "dp"], "results": {"full": ok, "dp": dp}, "load_start": 0.1, "load_end": 0.2},
+              {"configs": ["opacus-ghost"], "results": {"opacus-ghost": failed}, "load_start": 0.2, "load_end": 0.2}]
+    ratios = bench.compute_ratios(groups)
+    assert ratios[0]["label"] == "dp / full" and abs(ratios[0]["time"] - 1.2) < 1e-12 and ratios[0]["meets"]
+    meta = dict(date="d", command="c", wall_min=1.0, machine=bench.machine_info("cpu"), threads=2, load_before=0.1,
+                waited_s=0, max_load=2.5, omp_wait_policy="PASSIVE", model="m", batch=8, seq=128, bf16=False,
+                clip_norm=1.0, sigma=1.0, steps=3, warmup=1)
+    text = bench.results_markdown(groups, ratios, meta)
+    assert "| dp / full | 1 | 1.200x" in text and "Parameter tying" in text and "engine._consume 0.30" in text
