@@ -9,11 +9,16 @@ Owns: running ``eval.mia``, ``eval.exposure`` and ``eval.extraction`` on a run's
 - canary exposure: every canary, under every scored model (the base model is the no-memorization baseline).
 - extraction: greedy continuation from the prefix before each sensitive span of the scored training records.
 
+The base model's exposure and extraction depend only on the model, the data and the eval settings, so the runs of a
+sweep that share them compute them once (``runs/.cache/base-*.measures-*.json``).
+
 Sensitive: extraction continuations may contain training PII; only match rates are stored, never the text.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +66,9 @@ def membership(cfg: RunConfig, scores: dict[str, dict[str, TokenScores]], record
     return out
 
 
-def exposure_and_extraction(cfg: RunConfig, loaders, canaries, train_records) -> tuple[dict, dict]:
+def exposure_and_extraction(cfg: RunConfig, loaders, canaries, train_records, *,
+                            base_cache: Path | None = None) -> tuple[dict, dict]:
+    """Both measures for every model; the base model's come from ``base_cache`` when an earlier run wrote it."""
     from privtune.eval.exposure import canary_exposure
     from privtune.eval.extraction import extract_spans
 
@@ -70,6 +77,12 @@ def exposure_and_extraction(cfg: RunConfig, loaders, canaries, train_records) ->
     for label, load in loaders:
         if not (cfg.eval.exposure and canaries) and not cfg.eval.extraction_max_spans:
             break
+        if label == "base" and base_cache is not None and base_cache.exists():
+            cached = json.loads(base_cache.read_text())
+            exposure.update({"base": cached["exposure"]} if cached["exposure"] else {})
+            extraction.update({"base": cached["extraction"]} if cached["extraction"] else {})
+            info("[bold]eval[/]  base model: exposure and extraction from an earlier run's cache")
+            continue
         model, tokenizer = load()
         model.to(device)
         if cfg.eval.exposure and canaries:
@@ -85,15 +98,26 @@ def exposure_and_extraction(cfg: RunConfig, loaders, canaries, train_records) ->
                                               max_spans=cfg.eval.extraction_max_spans, seed=cfg.seed,
                                               max_length=cfg.data.max_length)
         del model
+        if label == "base" and base_cache is not None:
+            _write_atomically(base_cache, {"exposure": exposure.get("base"), "extraction": extraction.get("base")})
     return exposure, extraction
 
 
-def run_measures(cfg: RunConfig, run_dir: Path, loaders, scores, data, limit) -> dict:
+def _write_atomically(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload) + "\n")
+    tmp.replace(path)
+
+
+def run_measures(cfg: RunConfig, run_dir: Path, loaders, scores, data, limit, *,
+                 base_cache: Path | None = None) -> dict:
     records = {"train": data.train_records[:limit], "test": data.test_records[:limit]}
     out = {}
     if cfg.eval.mia:
         out["mia"] = membership(cfg, scores, records)
-    exposure, extraction = exposure_and_extraction(cfg, loaders, data.canaries, records["train"])
+    exposure, extraction = exposure_and_extraction(cfg, loaders, data.canaries, records["train"],
+                                                   base_cache=base_cache)
     if exposure:
         out["exposure"] = exposure
     if extraction:

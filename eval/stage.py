@@ -43,6 +43,17 @@ def _base_cache_path(cfg: RunConfig, run_dir: Path) -> Path:
     return Path(cfg.output_dir) / ".cache" / f"base-{digest.hexdigest()[:20]}"
 
 
+def _base_measures_path(cfg: RunConfig, run_dir: Path) -> Path:
+    """The base model's exposure and extraction: the scores' key plus every setting the two measures read."""
+    e = cfg.eval
+    settings = dict(exposure=e.exposure, method=e.exposure_method, sample=e.exposure_sample_size, seed=cfg.seed,
+                    spans=e.extraction_max_spans, batch=e.batch_size, max_length=cfg.data.max_length,
+                    canaries=cfg.data.canaries.model_dump() if cfg.data.canaries else None)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    scores = _base_cache_path(cfg, run_dir)
+    return scores.with_name(f"{scores.name}.measures-{digest}.json")
+
+
 class _Dist:
     """Rank, world size and a barrier; a single process when not launched distributed."""
 
@@ -129,7 +140,8 @@ def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path, data, 
     for label in ("base", "trained"):
         if label in metrics:
             metrics[label]["readings"] = readings(metrics[label]["grid"], base_grid if label == "trained" else None)
-    metrics.update(run_measures(cfg, run_dir, _model_loaders(cfg, run_dir), all_scores, data, limit))
+    metrics.update(run_measures(cfg, run_dir, _model_loaders(cfg, run_dir), all_scores, data, limit,
+                                base_cache=_base_measures_path(cfg, run_dir)))
     efficiency = run_dir / "model" / "efficiency.json"
     if efficiency.exists():
         metrics["cost"] = json.loads(efficiency.read_text())

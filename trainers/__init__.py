@@ -12,3 +12,9 @@
 Privacy unit: one example, or one user (``privacy.unit: group``). Sensitive: the training data and which units
 each step sampled.
 """
+
+import warnings
+
+# peft (0.21) still reads transformers' deprecated `is_gradient_checkpointing` when wrapping a model; the warning
+# is about peft's code, not the user's, and would otherwise interrupt every LoRA run's progress output.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -108,3 +108,28 @@ def test_two_process_sharded_eval_equals_one_process(tmp_path):
         assert values["tokens"] == m2["base"]["grid"][cell]["tokens"]
         assert values["nll_mean"] == pytest.approx(m2["base"]["grid"][cell]["nll_mean"], rel=1e-5)
     assert_same_scores(read_scores(one.run_dir), read_scores(two.run_dir))
+
+
+def test_base_model_measures_are_computed_once_per_data_and_settings(tmp_path, monkeypatch):
+    first = make_cfg(tmp_path, "first")
+    ensure_data(first)
+    first_metrics = run_eval_stage(first, first.run_dir)
+    assert first_metrics["exposure"]["base"] and first_metrics["extraction"]["base"]
+
+    import privtune.eval.exposure as exposure
+    import privtune.eval.extraction as extraction
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the base model's measures should come from the cache")
+
+    monkeypatch.setattr(exposure, "canary_exposure", must_not_run)
+    monkeypatch.setattr(extraction, "extract_spans", must_not_run)
+    second = make_cfg(tmp_path, "second")  # same model, data and eval settings
+    ensure_data(second)
+    second_metrics = run_eval_stage(second, second.run_dir)
+    assert second_metrics["exposure"] == first_metrics["exposure"]
+    assert second_metrics["extraction"] == first_metrics["extraction"]
+
+    changed = config_from_dict({**BASE, "name": "third", "output_dir": str(tmp_path / "runs"),
+                                "eval": {**BASE["eval"], "exposure_sample_size": 64}})
+    assert stage._base_measures_path(changed, second.run_dir) != stage._base_measures_path(second, second.run_dir)
