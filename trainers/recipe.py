@@ -210,7 +210,7 @@ class FineTuneRecipe:
 
         batch = self.sampler.batch(self.step)
         tokens = 0
-        for micro in batch.micro_batches:
+        for micro in (m.without_padding() for m in batch.micro_batches):
             inputs = self._inputs(micro.rows.tolist())
             with self.engine.micro_batch(micro.unit_ids.to(self.device)):
                 with self.autocast:

@@ -127,3 +127,15 @@ def test_expected_batch_size_and_secret_seed():
     sampler = PoissonBatchSampler(200, sample_rate=0.05, steps=1, seed=secret_seed(), micro_batch_size=8)
     assert sampler.expected_batch_size == pytest.approx(10.0)
     assert secret_seed() != secret_seed() and secret_seed().bit_length() <= 128
+
+
+def test_without_padding_keeps_real_rows_and_one_row_of_an_empty_micro_batch():
+    sampler = PoissonBatchSampler(40, sample_rate=0.3, steps=20, seed=3, micro_batch_size=8)
+    for step in range(20):
+        for micro in sampler.batch(step).micro_batches:
+            trimmed = micro.without_padding()
+            real = micro.rows >= 0
+            if real.any():
+                assert torch.equal(trimmed.rows, micro.rows[real]) and torch.equal(trimmed.unit_ids, micro.unit_ids[real])
+            else:
+                assert trimmed.rows.tolist() == [-1] and trimmed.unit_ids.tolist() == [-1]
