@@ -51,7 +51,6 @@ Privacy unit: the canary (its ``repetitions`` copies are one secret). Sensitive:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
@@ -65,7 +64,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from privtune.eval.scoring import length_sorted_batches, pad_batch
+from privtune.eval.scoring import eval_mode, length_sorted_batches, pad_batch
 from privtune.launch.progress import progress
 
 EXACT_LIMIT = 10**6
@@ -168,16 +167,6 @@ def _cost(layout: CandidateLayout, digits: int, sample_size: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Forward passes with a shared prefix
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @functools.cache
@@ -344,7 +333,7 @@ def candidate_nlls(model, tokenizer, canary, *, batch_size: int = 512, indices: 
     """
     layout = layout or candidate_layout(tokenizer, canary)
     device = next(model.parameters()).device
-    with _eval_mode(model):
+    with eval_mode(model):
         if indices is None and layout.digit_trie:
             nlls, forwarded = _trie_nlls(model, layout, canary.secret_digits, batch_size=batch_size, device=device,
                                          desc=f"exposure canary {canary.canary_id}")
@@ -415,7 +404,7 @@ def extrapolated_exposure(sample_nlls: np.ndarray, secret_nll: float, candidates
 
 def _check_secret(model, tokenizer, canary, got: float, *, device: torch.device) -> None:
     ids = _encode(tokenizer, [canary.text])[0]
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         want = float(_full_nll(model, [ids], batch_size=1, device=device)[0])
     low_precision = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     tolerance = (0.5 + 1e-2 * abs(want)) if low_precision else (1e-3 + 1e-4 * abs(want))

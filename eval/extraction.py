@@ -26,7 +26,6 @@ the PII; per-span results carry record ids, labels and scores only, and the cont
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from privtune.corpora.tokenization import encode_with_offsets
-from privtune.eval.scoring import length_sorted_batches
+from privtune.eval.scoring import eval_mode, length_sorted_batches
 from privtune.launch.progress import progress
 
 DEFAULT_MARGIN = 3
@@ -104,16 +103,6 @@ def span_prompts(records, tokenizer, *, max_length: int | None = None, max_spans
     return prompts, skipped
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 @torch.inference_mode()
 def greedy_continuations(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], *,
                          batch_size: int, desc: str = "extraction") -> list[str]:
@@ -125,7 +114,7 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[Sequence[int]], max
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     out: list[str] = [""] * len(prompts)
-    with _eval_mode(model), progress(total=len(prompts), desc=desc, unit="span") as bar:
+    with eval_mode(model), progress(total=len(prompts), desc=desc, unit="span") as bar:
         for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
             width = max(len(prompts[i]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -41,6 +41,7 @@ def row_of(run: dict) -> dict:
     extraction = ((m.get("extraction") or {}).get(label) or {}).get("summary", {})
     return {
         "run": run["dir"].name,
+        "model": cfg["model"]["name"],
         "dataset": cfg["data"]["source"],
         "method": cfg["train"]["method"],
         "lora_r": cfg["train"]["lora"]["r"] if "lora" in cfg["train"]["method"] else None,

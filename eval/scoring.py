@@ -10,6 +10,7 @@ the model, not private data, but they are computed from private text and stay in
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,17 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
         ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
     return ids, mask
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout off while scoring; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @torch.inference_mode()

@@ -144,7 +144,7 @@ def cmd_sweep(args) -> int:
 
     from privtune.launch.pipeline import run_pipeline
     from privtune.launch.progress import info, set_quiet
-    from privtune.launch.sweep import comparison_rows, load_sweep, render_comparison
+    from privtune.launch.sweep import base_grids, comparison_rows, load_sweep, render_comparison
 
     set_quiet(args.json)
     name, runs = load_sweep(args.config, args.overrides)
@@ -156,10 +156,10 @@ def cmd_sweep(args) -> int:
     if args.json:
         _print_json({"sweep": name, "runs": rows})
         return 0
-    base = results[0][1].get("base", {}).get("grid") if results else None
-    console = Console(highlight=False, width=140)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # logs: no wrapping
     console.print()
-    console.print(render_comparison(f"{name}: per-token NLL on the 2×2 grid, privacy and cost per method", rows, base))
+    console.print(render_comparison(f"{name}: per-token NLL on the 2×2 grid, privacy and cost per method", rows,
+                                    base_grids(results)))
     console.print("Lower train-sensitive NLL = more memorized; 'memorized' is its drop from the base model. "
                   f"Run dirs: {runs[0].output_dir}/{name}-*")
     return 0

@@ -81,26 +81,48 @@ def comparison_rows(results: list[tuple[RunConfig, dict]]) -> list[dict]:
             for cfg, metrics in results]
 
 
-def render_comparison(title: str, rows: list[dict], base_grid: dict | None):
+def base_grids(results: list[tuple[RunConfig, dict]]) -> dict[tuple[str, str], dict]:
+    """The base model's 2×2 grid per (model, dataset) of a sweep: the no-fine-tuning reference of each group."""
+    grids: dict[tuple[str, str], dict] = {}
+    for cfg, metrics in results:
+        if metrics.get("base"):
+            grids.setdefault((cfg.model.name, str(cfg.data.source)), metrics["base"]["grid"])
+    return grids
+
+
+def render_comparison(title: str, rows: list[dict], base: dict[tuple[str, str], dict]):
+    """Rows grouped by (model, dataset), each group led by its base model; the group is named when there are several."""
     from rich.table import Table
 
     def f(x, fmt="{:.3f}"):
         return "—" if x is None else fmt.format(x)
 
-    table = Table(title=title)
-    for col, justify in [("method", "left"), ("train sens", "right"), ("train non-s", "right"), ("test sens", "right"),
-                         ("test non-s", "right"), ("memorized (base−train sens)", "right"), ("ε", "right"),
-                         ("train s", "right"), ("tok/s", "right"), ("peak MB", "right"), ("trainable", "right")]:
-        table.add_column(col, justify=justify)
-    if base_grid is not None:
-        table.add_row("base model", *(f(base_grid[c]["nll_mean"]) for c in
-                      ("train_sensitive", "train_nonsensitive", "test_sensitive", "test_nonsensitive")),
-                      "0.000", "—", "—", "—", "—", "—")
+    groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        label = row["method"] + (f" r={row['lora_r']}" if row["lora_r"] else "")
-        table.add_row(label, f(row["train_sensitive_nll"]), f(row["train_nonsensitive_nll"]),
-                      f(row["test_sensitive_nll"]), f(row["test_nonsensitive_nll"]), f(row["memorized"], "{:+.3f}"),
-                      f(row["epsilon"], "{:.2f}") if row["method"] in ("dp", "dp-lora") else "∞",
-                      f(row["train_seconds"], "{:.0f}"), f(row["tokens_per_second"], "{:.0f}"),
-                      f(row["peak_memory_mb"], "{:,}"), f(row["trainable_parameters"], "{:,}"))
+        groups.setdefault((row["model"], row["dataset"]), []).append(row)
+    named = len(groups) > 1
+    table = Table(title=title)
+    for col, justify in [*([("model / data", "left")] if named else []), ("method", "left"), ("train sens", "right"),
+                         ("train non-s", "right"), ("test sens", "right"), ("test non-s", "right"),
+                         ("memorized (base−train sens)", "right"), ("ε", "right"), ("train s", "right"),
+                         ("tok/s", "right"), ("peak MB", "right"), ("trainable", "right")]:
+        table.add_column(col, justify=justify)
+    for key, members in groups.items():
+        lead = [f"{key[0]} / {key[1]}"] if named else []
+        if key in base:
+            table.add_row(*lead, "base model", *(f(base[key][c]["nll_mean"]) for c in
+                          ("train_sensitive", "train_nonsensitive", "test_sensitive", "test_nonsensitive")),
+                          "0.000", "—", "—", "—", "—", "—")
+            lead = [""] if named else []
+        for row in members:
+            label = row["method"] + (f" r={row['lora_r']}" if row["lora_r"] else "")
+            table.add_row(*lead, label, f(row["train_sensitive_nll"]), f(row["train_nonsensitive_nll"]),
+                          f(row["test_sensitive_nll"]), f(row["test_nonsensitive_nll"]),
+                          f(row["memorized"], "{:+.3f}"),
+                          f(row["epsilon"], "{:.2f}") if row["method"] in ("dp", "dp-lora") else "∞",
+                          f(row["train_seconds"], "{:.0f}"), f(row["tokens_per_second"], "{:.0f}"),
+                          f(row["peak_memory_mb"], "{:,}"), f(row["trainable_parameters"], "{:,}"))
+            lead = [""] if named else []
+        if named:
+            table.add_section()
     return table
