@@ -113,8 +113,9 @@ def embedded_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[privtune] converting the embedded model {gguf.name} to safetensors (once, ~30 s) -> {target}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 local_files_only=True)
     # A GGUF-loaded model carries a quantizer that makes save_pretrained refuse; the weights are already fp32.
     model.hf_quantizer = None
     model.config.quantization_config = None
@@ -193,7 +194,7 @@ def load_trained(model_dir: Path, *, dtype: str = "float32", seed: int = 0):
         from peft import PeftModel
 
         base, tokenizer = load_model(meta["base_model"], dtype=dtype, seed=seed)
-        model = PeftModel.from_pretrained(base, str(model_dir), is_trainable=False)
+        model = PeftModel.from_pretrained(base, str(model_dir), is_trainable=False, local_files_only=True)
         return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
