@@ -22,14 +22,7 @@ from privtune.eval.exposure import (
 from privtune.eval.scoring import score_tokens
 from privtune.trainers.models import build_tiny, byte_tokenizer, tiny_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared 2-core machine spin against each other; tiny models run best on one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_canary(pattern: str, secret: str) -> Canary:
