@@ -18,7 +18,6 @@ Sensitive: extraction continuations may contain training PII; only match rates a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 from privtune.eval.scoring import TokenScores
 from privtune.launch.config import RunConfig
 from privtune.launch.progress import info
+from privtune.launch.rundir import atomic_write_json
 
 ROC_POINTS = 200
 
@@ -99,15 +99,8 @@ def exposure_and_extraction(cfg: RunConfig, loaders, canaries, train_records, *,
                                               max_length=cfg.data.max_length)
         del model
         if label == "base" and base_cache is not None:
-            _write_atomically(base_cache, {"exposure": exposure.get("base"), "extraction": extraction.get("base")})
+            atomic_write_json(base_cache, {"exposure": exposure.get("base"), "extraction": extraction.get("base")})
     return exposure, extraction
-
-
-def _write_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload) + "\n")
-    tmp.replace(path)
 
 
 def run_measures(cfg: RunConfig, run_dir: Path, loaders, scores, data, limit, *,

@@ -12,7 +12,7 @@ tied tensors counted once), so the whole unit still has norm <= C. Noise std is 
 How a step runs (book-keeping, one backward)::
 
     engine = DPEngine(model, clip_norm=C)                       # refuses uncovered / unsupported parameters
-    for micro in step.micro_batches:
+    for micro in (m.without_padding() for m in step.micro_batches):   # padding rows only cost compute
         with engine.micro_batch(micro.unit_ids):                # hooks on, trainable requires_grad off
             logits = model(input_ids, attention_mask=mask).logits
             engine.backward(per_example_loss(logits, labels))   # norms + clipped sum, saved tensors freed

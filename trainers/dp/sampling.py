@@ -8,7 +8,7 @@ assumes for amplification; a shuffled fixed-size batch is a different mechanism 
 
 Fixed shapes: the sampled units are packed into micro-batches of exactly ``micro_batch_size`` rows (a unit's rows
 always stay together: a unit larger than a micro-batch is refused), padded with rows whose index and unit id are
--1. A step with no sampled unit still yields one all-padding micro-batch per rank, so the training loop runs
+-1. Consumers collate ``MicroBatch.without_padding()``: the padding fixes the shape, not the work. A step with no sampled unit still yields one all-padding micro-batch per rank, so the training loop runs
 the same code path and the optimizer still steps with noise only. Under data parallelism every rank computes
 the same global sample (same seed), the micro-batches are dealt round-robin and padded with all-padding
 micro-batches to a multiple of the world size: every rank takes the same number of micro-batches with no
