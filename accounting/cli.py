@@ -5,7 +5,9 @@ Owns: printing. ``budget_command`` composes ledgers (``budget.compose_ledgers``)
 to stderr. Errors a user can cause are raised as ``UserError`` for the CLI to print as one line and exit 2.
 
 Sensitive: the printed ε is exactly the accountant's upper bound (never rounded down: the table rounds up in the
-last printed digit); a calibrated σ is printed with its ε, which never exceeds the target.
+last printed digit); a calibrated σ is printed with its ε, which never exceeds the target. Each ledger is shown
+with its head hash and what was verified (its hash chain; its model card where the run has one), so a reader can
+compare the hash with the one recorded at release.
 """
 
 from __future__ import annotations
@@ -84,7 +86,18 @@ def budget_command(paths: list[str], *, delta: float, as_json: bool) -> int:
     for i, ledger in enumerate(result["ledgers"], start=1):
         index[ledger["path"]] = str(i)
         dataset = f", dataset {ledger['dataset']}" if ledger["dataset"] else ""
-        console.print(f"  [{i}] {ledger['path']} (N = {ledger['dataset_size']}{dataset})", highlight=False)
+        # soft_wrap: a path or hash broken across lines cannot be copied or compared with a model card's.
+        console.print(
+            f"  [{i}] {ledger['path']} (N = {ledger['dataset_size']}{dataset})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        head = ledger["head"]
+        console.print(
+            f"      head {head['hash'][:12]} at entry {head['seq']}; verified: {ledger['verified']}",
+            highlight=False,
+            soft_wrap=True,
+        )
     events = Table(title="Releases composed")
     for column in ("ledger", "seq", "stage", "sampler", "mechanism", "status"):
         events.add_column(column)

@@ -1,7 +1,8 @@
 """The privacy ledger: ``RUN/ledger.json``, the record of every DP release a run made.
 
-Owns: the ledger file format (a header plus an append-only list of entries), its validation on load, atomic
-writes, and the resume rule for DP training. Composition across ledgers lives in ``budget.py``.
+Owns: the ledger file format (a header plus an append-only list of entries, each sealed by a SHA-256 hash
+chain), its validation on load, atomic writes, and the resume rule for DP training. Composition across ledgers
+(and the check against a released model's card) lives in ``budget.py``.
 
 Privacy unit: stated once in the header (``privacy_unit``, ``group_by``) with the neighbouring relation and the
 dataset size N; every event in the file is about that unit. Ledgers about different units never compose.
@@ -12,7 +13,12 @@ Sensitive: the ledger is what ``privtune budget`` turns into the ε a user publi
 - entries are only appended. The one mutable thing is the step count of an *open* DP training entry, keyed by
   (stage, run_id): it only grows through ``record_training``/``set_steps``, and only ``rewind`` (resume from a
   checkpoint) may set it back, to exactly the count saved with that checkpoint. Closed entries never change;
-- anything malformed on load is a ``UserError``; nothing is repaired silently.
+- anything malformed on load is a ``UserError``; nothing is repaired silently;
+- every entry carries ``hash``: h_0 = sha256(canonical header), h_i = sha256(h_{i-1} + canonical entry i without
+  its hash), recomputed on every commit and verified on every load (``load``, ``from_state_dict``, hence ``open``
+  and checkpoint ``rewind``). A hand edit of σ, q or T is refused instead of silently lowering ε. The chain is
+  tamper-*evident*, not tamper-proof: whoever can rewrite the file can recompute it, which is why a released
+  model's card records ``head`` and ``privtune budget`` compares the two.
 Only one process (rank 0) may write a ledger.
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import tempfile
@@ -48,7 +55,7 @@ __all__ = [
     "resolve_ledger_path",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every entry carries ``hash`` (the chain); 1 had none and is refused
 LEDGER_FILENAME = "ledger.json"
 PRIVACY_UNITS = ("example", "group", "dpo_pair", "rl_prompt_group")
 # Recorded as stated; the accountants here support add_remove only (see accountants.NEIGHBOURING).
@@ -63,9 +70,27 @@ _HEADER_KEYS = {
     "dataset_size",
     "dataset",
 }
+# An entry's content keys: what its hash covers. On disk (and in state_dict) each entry also has "hash".
 _ENTRY_KEYS = {"seq", "stage", "run_id", "status", "sampler", "event", "note", "recorded_at", "updated_at"}
 _TRAINING_EVENTS = (PoissonGaussianEvent, ShuffledGaussianEvent)
 _CORRUPT_FIX = "restore ledger.json from a good copy (never edit it by hand)"
+
+
+def _canonical(data: Any) -> str:
+    """The one JSON text of ``data`` that the hash chain covers: key order and whitespace never matter."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _chain(header: dict[str, Any], contents: list[dict[str, Any]]) -> list[str]:
+    """[h_0, h_1, ..., h_n]: h_0 seals the header, h_i = sha256(h_{i-1} + canonical(content of entry i))."""
+    hashes = [_sha256(_canonical(header))]
+    for content in contents:
+        hashes.append(_sha256(hashes[-1] + _canonical(content)))
+    return hashes
 
 
 def _steps(event: Event) -> int:
@@ -167,15 +192,24 @@ class LedgerEntry:
         )
 
 
+def _check_version(version: Any, *, where: str) -> None:
+    if version == 1:
+        # A v1 file has no hashes: a hand edit of σ in it cannot be told from what training wrote.
+        raise UserError(
+            f"{where} has format_version 1, which predates the hash chain and cannot be verified",
+            "re-run the training with this privtune, or read it with the privtune version that wrote it",
+        )
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise UserError(
+            f"{where} format_version {version!r} is not supported (this privtune reads {FORMAT_VERSION})",
+            "use the privtune version that wrote it",
+        )
+
+
 def _check_header(header: Any) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise UserError("ledger header is not a JSON object", _CORRUPT_FIX)
-    version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(
-            f"ledger format_version {version!r} is not supported (this privtune reads {FORMAT_VERSION})",
-            "use the privtune version that wrote it",
-        )
+    _check_version(header.get("format_version"), where="ledger")
     if set(header) != _HEADER_KEYS:
         raise UserError(
             f"ledger header has keys {sorted(header)}, expected {sorted(_HEADER_KEYS)}", _CORRUPT_FIX
@@ -231,6 +265,35 @@ def _atomic_write_json(path: Path, data: Any) -> None:
             os.close(dir_fd)
 
 
+def _entry_name(raw: Any, position: int) -> str:
+    seq = raw.get("seq") if isinstance(raw, dict) else None
+    return f"entry {seq}" if isinstance(seq, int) and not isinstance(seq, bool) else f"entry #{position}"
+
+
+def _verify_stored_chain(header: dict[str, Any], raw_entries: list[Any], *, where: str) -> list[str]:
+    """Recompute the chain over the stored header and entries (minus ``hash``); return the stored hashes."""
+    try:
+        expected = _sha256(_canonical(header))
+    except (TypeError, ValueError):  # NaN or a non-JSON value: cannot be what privtune wrote
+        raise UserError(f"{where}: header is not plain JSON", _CORRUPT_FIX) from None
+    stored: list[str] = []
+    for position, raw in enumerate(raw_entries, start=1):
+        name = _entry_name(raw, position)
+        if not isinstance(raw, dict) or not isinstance(raw.get("hash"), str):
+            raise UserError(f"{where}: {name} has no hash (edited by hand?)", _CORRUPT_FIX)
+        content = {k: v for k, v in raw.items() if k != "hash"}
+        try:
+            expected = _sha256(expected + _canonical(content))
+        except (TypeError, ValueError):
+            expected = None  # NaN in an edited value: reported as the mismatch it is
+        if raw["hash"] != expected:  # entry 1's hash also seals the header: an edited header shows up there
+            raise UserError(
+                f"{where}: {name}'s hash does not match its content (edited by hand?)", _CORRUPT_FIX
+            )
+        stored.append(raw["hash"])
+    return stored
+
+
 class Ledger:
     """A run's privacy ledger. Build with ``Ledger.create``, ``Ledger.load`` or ``Ledger.open``."""
 
@@ -241,6 +304,7 @@ class Ledger:
         for entry in entries:
             self._check_appendable(entry)
             self._entries.append(entry)
+        self._hashes = self._chain_of(self._entries)
 
     # ---- construction -------------------------------------------------------------------------------------------
 
@@ -295,16 +359,37 @@ class Ledger:
 
     @classmethod
     def from_state_dict(cls, data: Any, *, path: str | os.PathLike[str]) -> Ledger:
-        """A ledger from ``state_dict()`` output (what checkpoints store), bound to ``path`` for saving."""
+        """A ledger from ``state_dict()`` output (what checkpoints store), bound to ``path`` for saving.
+
+        Every entry's hash is verified (a mismatch names the first bad entry) before its content is trusted.
+        """
+        return cls._from_state(data, path=Path(path), where=f"ledger {path}")
+
+    @classmethod
+    def _from_state(cls, data: Any, *, path: Path, where: str) -> Ledger:
         if (
             not isinstance(data, dict)
             or set(data) != {"header", "entries"}
             or not isinstance(data["entries"], list)
         ):
-            raise UserError("ledger is not an object with 'header' and an 'entries' list", _CORRUPT_FIX)
-        header = _check_header(data["header"])
-        entries = [LedgerEntry.from_dict(e) for e in data["entries"]]
-        return cls(Path(path), header, entries)
+            raise UserError(f"{where} is not an object with 'header' and an 'entries' list", _CORRUPT_FIX)
+        raw_header, raw_entries = data["header"], data["entries"]
+        if not isinstance(raw_header, dict):
+            raise UserError(f"{where}: header is not a JSON object", _CORRUPT_FIX)
+        _check_version(raw_header.get("format_version"), where=where)
+        # The chain is checked on the text as stored, before any field is parsed: a hand edit is then reported
+        # as what it is ("hash does not match") rather than as whatever value check it happens to trip.
+        stored = _verify_stored_chain(raw_header, raw_entries, where=where)
+        header = _check_header(raw_header)
+        entries = [LedgerEntry.from_dict({k: v for k, v in e.items() if k != "hash"}) for e in raw_entries]
+        ledger = cls(path, header, entries)
+        for entry, want, got in zip(ledger._entries, stored, ledger._hashes[1:], strict=True):
+            if want != got:  # only a file crafted with consistent hashes (e.g. steps 439.0) gets here
+                raise UserError(
+                    f"{where}: entry {entry.seq} is not in the form privtune writes (edited by hand?)",
+                    _CORRUPT_FIX,
+                )
+        return ledger
 
     @classmethod
     def open(
@@ -378,6 +463,26 @@ class Ledger:
     def entries(self) -> tuple[LedgerEntry, ...]:
         return tuple(self._entries)
 
+    @property
+    def head(self) -> dict[str, Any]:
+        """Where the chain stands: ``{"ledger_id", "seq" (last entry's, 0 if empty), "hash" (h after it)}``.
+
+        A released model's card records this so that a later change to the ledger shows (``privtune budget``).
+        """
+        last = self._entries[-1].seq if self._entries else 0
+        return {"ledger_id": self.ledger_id, "seq": last, "hash": self._hashes[-1]}
+
+    def hash_at(self, seq: int) -> str:
+        """The chain hash right after entry ``seq`` (``seq=0``: h_0, the header's)."""
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            raise TypeError(f"seq must be an int, got {seq!r}")
+        if seq == 0:
+            return self._hashes[0]
+        for i, entry in enumerate(self._entries, start=1):
+            if entry.seq == seq:
+                return self._hashes[i]
+        raise UserError(f"ledger {self._path} has no entry {seq}", "name an entry it records")
+
     def events(self) -> list[Event]:
         """Every recorded event, in ledger order (what an accountant composes)."""
         return [e.event for e in self._entries]
@@ -390,8 +495,10 @@ class Ledger:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        """The whole ledger as JSON-ready data; a checkpoint stores this so that a resume can ``rewind``."""
-        return {"header": dict(self._header), "entries": [e.to_dict() for e in self._entries]}
+        """The whole ledger as JSON-ready data, hashes included; a checkpoint stores this so that a resume can
+        ``rewind`` (and the hashes let the resume verify the checkpoint's copy too)."""
+        entries = [{**e.to_dict(), "hash": h} for e, h in zip(self._entries, self._hashes[1:], strict=True)]
+        return {"header": dict(self._header), "entries": entries}
 
     # ---- writing --------------------------------------------------------------------------------------------------
 
@@ -415,13 +522,17 @@ class Ledger:
                 "record the size of the dataset that was shuffled",
             )
 
+    def _chain_of(self, entries: list[LedgerEntry]) -> list[str]:
+        return _chain(self._header, [e.to_dict() for e in entries])
+
     def _commit(self, entries: list[LedgerEntry]) -> None:
-        previous = self._entries
-        self._entries = entries
+        # Recomputed in full: the open training entry's steps change its hash and that of every entry after it.
+        previous = self._entries, self._hashes
+        self._entries, self._hashes = entries, self._chain_of(entries)
         try:
             self.save()
         except BaseException:
-            self._entries = previous
+            self._entries, self._hashes = previous
             raise
 
     def record(self, event: Event, *, stage: str, note: str = "") -> LedgerEntry:
@@ -524,7 +635,10 @@ class Ledger:
         twice. Everything else must agree: another ledger, a different mechanism, a closed (finished) run, or a
         release the checkpoint knows of but this file lost are refused.
         """
-        saved = Ledger.from_state_dict(copy.deepcopy(state), path=self._path)
+        # Verified like the file: a checkpoint is as easy to edit by hand as ledger.json.
+        saved = Ledger._from_state(
+            copy.deepcopy(state), path=self._path, where="the checkpoint's ledger state"
+        )
         if saved.ledger_id != self.ledger_id or saved.header != self.header:
             raise UserError(
                 "the checkpoint's ledger state belongs to another ledger",

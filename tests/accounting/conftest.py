@@ -1,8 +1,12 @@
-"""Shared fixtures for the accounting tests: Paper B's setting and the one-line user-error check."""
+"""Shared fixtures for the accounting tests: Paper B's setting, the one-line user-error check, and an independent
+implementation of the ledger's hash chain (hashlib only, never the module's helpers)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -47,3 +51,37 @@ def paper_b_sigmas() -> dict[float, float]:
         )
         for eps in (5.94, 2.86)
     }
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _canon(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def chain_of(data: dict[str, Any]) -> list[str]:
+    """[h_0, h_1, ...] of a ledger's JSON (``state_dict()`` or ledger.json), recomputed from the spec:
+    h_0 = sha256(canonical header), h_i = sha256(h_{i-1} + canonical entry i without "hash")."""
+    hashes = [_sha(_canon(data["header"]))]
+    for entry in data["entries"]:
+        hashes.append(_sha(hashes[-1] + _canon({k: v for k, v in entry.items() if k != "hash"})))
+    return hashes
+
+
+def rechain(data: dict[str, Any]) -> dict[str, Any]:
+    """Recompute every entry's hash in place, as someone editing the file by hand and covering it up would."""
+    for entry, digest in zip(data["entries"], chain_of(data)[1:], strict=True):
+        entry["hash"] = digest
+    return data
+
+
+@pytest.fixture
+def chain() -> Callable[[dict[str, Any]], list[str]]:
+    return chain_of
+
+
+@pytest.fixture
+def rehash() -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return rechain

@@ -35,6 +35,11 @@ def test_budget_json(run_dirs, capsys):
     assert out["delta"] == 1e-6 and out["epsilon"] == out["per_accountant"]["pld"]["epsilon"] > 0
     assert set(out["per_accountant"]) == {"pld", "rdp"}
     assert [e["event"]["type"] for e in out["events"]] == ["poisson_gaussian", "gaussian"]
+    heads = [ledger["head"] for ledger in out["ledgers"]]
+    assert [h["seq"] for h in heads] == [1, 1] and all(len(h["hash"]) == 64 for h in heads)
+    assert [ledger["verified"] for ledger in out["ledgers"]] == [
+        "hash chain intact (no model card to check)"
+    ] * 2
 
 
 def test_budget_table(run_dirs, capsys):
@@ -44,6 +49,8 @@ def test_budget_table(run_dirs, capsys):
     result = json.loads(_json_of(run_dirs, capsys))
     shown = f"{result['epsilon']:.4f}"[:-1]  # the table rounds up in the 4th decimal; compare the first three
     assert "Privacy budget" in captured.out and "histogram" in captured.out and shown in captured.out
+    head = result["ledgers"][0]["head"]["hash"]
+    assert f"head {head[:12]} at entry 1; verified: hash chain intact" in captured.out
     assert captured.err == ""
 
 

@@ -40,7 +40,8 @@ def test_create_load_roundtrip_and_format(tmp_path):
     ledger.record_training(_dp(5), stage="train", run_id=run, note="dp-lora")
     ledger.record(GaussianEvent.from_std(std=10.0, sensitivity=1.0), stage="histogram")
     data = json.loads((tmp_path / LEDGER_FILENAME).read_text())
-    assert data["header"]["format_version"] == 1
+    assert data["header"]["format_version"] == 2
+    assert all(len(e["hash"]) == 64 for e in data["entries"])  # the chain itself: test_accounting_tamper.py
     assert data["header"]["neighbouring"] == "add_remove"
     assert data["header"]["privacy_unit"] == "example" and data["header"]["dataset_size"] == 10_000
     assert [e["seq"] for e in data["entries"]] == [1, 2]
@@ -134,10 +135,13 @@ def test_rewind_forward_when_the_ledger_write_was_lost(tmp_path):
     run = new_run_id()
     ledger = _new(tmp_path)
     ledger.record_training(_dp(30), stage="train", run_id=run)
-    stale = ledger.state_dict()
-    checkpoint_state = json.loads(json.dumps(stale))
-    checkpoint_state["entries"][0]["event"]["steps"] = 40
-    ledger.rewind(checkpoint_state, stage="train", run_id=run)
+    stale = (tmp_path / LEDGER_FILENAME).read_bytes()
+    ledger.record_training(_dp(40), stage="train", run_id=run)
+    checkpoint_state = json.loads(json.dumps(ledger.state_dict()))
+    (tmp_path / LEDGER_FILENAME).write_bytes(stale)  # the ledger write of step 40 never reached the disk
+    on_disk = Ledger.load(tmp_path)
+    assert on_disk.events() == [_dp(30)]
+    on_disk.rewind(checkpoint_state, stage="train", run_id=run)
     assert Ledger.load(tmp_path).events() == [_dp(40)]
 
 
@@ -151,7 +155,7 @@ def test_rewind_to_a_checkpoint_before_the_first_step_removes_the_entry(tmp_path
     assert Ledger.load(tmp_path).events() == [GaussianEvent(noise_multiplier=10.0)]
 
 
-def test_rewind_keeps_other_releases_and_refuses_what_it_cannot_prove(tmp_path, one_line):
+def test_rewind_keeps_other_releases_and_refuses_what_it_cannot_prove(tmp_path, one_line, rehash):
     run = new_run_id()
     ledger = _new(tmp_path)
     ledger.record(GaussianEvent(noise_multiplier=10.0), stage="histogram")
@@ -175,15 +179,18 @@ def test_rewind_keeps_other_releases_and_refuses_what_it_cannot_prove(tmp_path, 
 
     changed = json.loads(json.dumps(checkpoint))
     changed["entries"][1]["event"]["noise_multiplier"] = 0.5
-    with pytest.raises(UserError) as err:  # same run id, different mechanism
+    with pytest.raises(UserError) as err:  # edited by hand: the checkpoint's own chain does not verify
         ledger.rewind(changed, stage="train", run_id=run)
-    one_line(err)
+    assert "checkpoint's ledger state: entry 2's hash does not match" in one_line(err)
+    with pytest.raises(UserError) as err:  # same run id, different mechanism (hashes consistent)
+        ledger.rewind(rehash(changed), stage="train", run_id=run)
+    assert "update is" in one_line(err)
 
     lost = json.loads(json.dumps(checkpoint))
-    lost["entries"][0]["event"]["noise_multiplier"] = 9.0
+    lost["entries"][0]["event"].update(noise_multiplier=9.0, std=9.0)
     with pytest.raises(UserError) as err:  # the checkpoint knows a release the file does not
-        ledger.rewind(lost, stage="train", run_id=run)
-    one_line(err)
+        ledger.rewind(rehash(lost), stage="train", run_id=run)
+    assert "lacks or changed entry 1" in one_line(err)
 
     ledger.close_training(stage="train", run_id=run)
     with pytest.raises(UserError) as err:  # a finished run may have been released: its steps are final
@@ -285,9 +292,13 @@ def _edit(fn):
 
 CORRUPTIONS = {
     "empty file": _corrupt(""),
-    "truncated": _corrupt('{"header": {"format_version": 1, "ledger_'),
+    "truncated": _corrupt('{"header": {"format_version": 2, "ledger_'),
     "not an object": _corrupt("[1, 2, 3]"),
-    "future version": _edit(lambda d: d["header"].update(format_version=2)),
+    "future version": _edit(lambda d: d["header"].update(format_version=3)),
+    "hash missing": _edit(lambda d: d["entries"][1].pop("hash")),
+    "hash changed": _edit(lambda d: d["entries"][0].update(hash="0" * 64)),
+    "entries swapped": _edit(lambda d: d["entries"].reverse()),
+    "entry dropped": _edit(lambda d: d["entries"].pop(0)),
     "header key missing": _edit(lambda d: d["header"].pop("dataset_size")),
     "header extra key": _edit(lambda d: d["header"].update(epsilon=1.0)),
     "unknown unit": _edit(lambda d: d["header"].update(privacy_unit="token")),
