@@ -16,22 +16,35 @@ from dataclasses import replace
 
 from privtune.corpora import customersim, synbio
 from privtune.corpora.canaries import canary_records, make_canaries
-from privtune.corpora.records import Corpus
+from privtune.corpora.records import Corpus, Record
 from privtune.corpora.userdata import load_user_records
 from privtune.launch.config import DataConfig
 
 GENERATORS = {"customersim": customersim.generate, "synbio": synbio.generate}
 
 
-def build_corpus(cfg: DataConfig) -> Corpus:
+def spans_field_explicit(cfg: DataConfig) -> bool:
+    """Whether the user named ``data.spans_field`` (set, and not to the default: a sweep's runs are built from a
+    full dump of the base config, in which every field counts as set)."""
+    return "spans_field" in cfg.model_fields_set and cfg.spans_field != DataConfig.model_fields["spans_field"].default
+
+
+def build_corpus(cfg: DataConfig, *, dry_run: bool = False) -> Corpus:
+    """The corpus of ``cfg``. ``dry_run``: its shape without its content, for preflight's checks before any work:
+    a generated source gives one empty placeholder record per example (nothing is generated), user data is read
+    and checked in full but gets no regex spans."""
     if cfg.source in GENERATORS:
-        records = GENERATORS[cfg.source](cfg.num_examples, seed=cfg.seed)
+        if dry_run:
+            records = [Record(id=f"{cfg.source}-{i:06d}", text="", spans=()) for i in range(cfg.num_examples)]
+        else:
+            records = GENERATORS[cfg.source](cfg.num_examples, seed=cfg.seed)
         if cfg.group_by is not None:
             records = [replace(r, group=r.id) for r in records]
         spans_origin = "gold"
     else:
         records, spans_origin = load_user_records(
-            cfg.source, text_field=cfg.text_field, spans_field=cfg.spans_field, group_by=cfg.group_by
+            cfg.source, text_field=cfg.text_field, spans_field=cfg.spans_field, group_by=cfg.group_by,
+            spans_field_explicit=spans_field_explicit(cfg), detect=not dry_run,
         )
     canaries = []
     if cfg.canaries is not None and cfg.canaries.count > 0:

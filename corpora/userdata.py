@@ -3,7 +3,9 @@
 Owns: reading rows, checking them (a bad row is a ``UserError`` naming the row and the fix, never a traceback),
 and turning them into ``Record``s. Spans come from the spans field (a list of ``[start, end, label]`` character
 offsets, end exclusive; in a CSV cell the same list written as JSON) when the data has one, else from the regex
-detector (``detect.py``). Spans may also be ``{"start", "end", "label"}`` objects, the form to use in a
+detector (``detect.py``) -- unless ``data.spans_field`` was set explicitly (then no record having it is an error:
+a misspelled field must not silently switch to regex spans) or another field holds span lists (then the error
+says to name it). Spans may also be ``{"start", "end", "label"}`` objects, the form to use in a
 ``datasets`` directory (Arrow cannot store a list that mixes integers and strings).
 
 Privacy unit: one row is one example; with ``group_by`` the value of that column names the user, and every row
@@ -115,15 +117,73 @@ def _parse_spans(raw: Any, where: str, field: str) -> list[Span]:
     return spans
 
 
+def _looks_like_spans(value: Any) -> bool | None:
+    """True: a non-empty list of spans; None: an empty list (fits, proves nothing); False: anything else."""
+    if isinstance(value, str):  # a CSV cell
+        if not value.lstrip().startswith("["):
+            return False
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return False
+    if not isinstance(value, list):
+        return False
+    if not value:
+        return None
+    for item in value:
+        if isinstance(item, dict):
+            item = [item.get("start"), item.get("end"), item.get("label", DEFAULT_LABEL)]
+        if not isinstance(item, list | tuple) or len(item) not in (2, 3):
+            return False
+        if type(item[0]) is not int or type(item[1]) is not int or (len(item) == 3 and not isinstance(item[2], str)):
+            return False
+    return True
+
+
+def _spans_like_field(rows: list[dict], skip: set[str]) -> str | None:
+    """The first field every record of which holds a span list (some of them non-empty), if there is one."""
+    candidates = {key: False for row in rows for key in row if key not in skip}
+    for key in list(candidates):
+        for row in rows:
+            if row.get(key) is None:
+                continue
+            looks = _looks_like_spans(row[key])
+            if looks is False:
+                del candidates[key]
+                break
+            candidates[key] = candidates[key] or bool(looks)
+    return next((key for key, seen in candidates.items() if seen), None)
+
+
 def load_user_records(
-    source: str, *, text_field: str, spans_field: str, group_by: str | None
+    source: str, *, text_field: str, spans_field: str, group_by: str | None, spans_field_explicit: bool = False,
+    detect: bool = True,
 ) -> tuple[list[Record], SpansOrigin]:
-    """Records of a user data source and where their spans came from ("given" or "regex")."""
+    """Records of a user data source and where their spans came from ("given" or "regex").
+
+    Spans: from ``spans_field`` when records have it. When none has it: a field the user named explicitly
+    (``spans_field_explicit``) is refused, since a misspelling must not silently switch to regex spans; the
+    default name falls back to the regex detector, unless another field holds span lists (then the user is told
+    to name it). ``detect=False`` skips the regex detector (records get no spans): preflight's check of the data.
+    """
     path = Path(source).expanduser()
     rows, where = read_rows(path)
     if not rows:
         raise UserError(f"data source {path} holds no records", "add examples to it")
     has_spans = any(spans_field in row for row in rows)
+    if not has_spans and spans_field_explicit:
+        fields = ", ".join(sorted(map(str, rows[0]))) or "none"
+        raise UserError(
+            f"no record of {path} has the spans field '{spans_field}' ({where(0)} has fields: {fields})",
+            "set data.spans_field to the field that holds the spans, or remove it to detect spans with regexes",
+        )
+    if not has_spans:
+        other = _spans_like_field(rows, skip={text_field, *([group_by] if group_by else [])})
+        if other is not None:
+            raise UserError(
+                f"{path} has no '{spans_field}' field, but its field '{other}' holds span lists",
+                f"set data.spans_field={other} (or rename that field to {spans_field})",
+            )
     records = []
     for i, row in enumerate(rows):
         if text_field not in row:
@@ -143,7 +203,7 @@ def load_user_records(
                 )
             spans = check_spans(text, _parse_spans(row[spans_field], where(i), spans_field), where(i), _SPANS_FIX)
         else:
-            spans = detect_spans(text)
+            spans = detect_spans(text) if detect else ()
         group = None
         if group_by is not None:
             if row.get(group_by) in (None, ""):  # an empty CSV cell is a missing value

@@ -140,6 +140,38 @@ def embedded_model_dir() -> Path:
 # Public entry points
 
 
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# What a fast tokenizer loads from (tokenizer_config.json alone is not enough: transformers then raises).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken")
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+EMBEDDED_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings, known before its one-time conversion
+
+
+def _has_any(path: Path, patterns: tuple[str, ...]) -> bool:
+    return any(next(path.glob(pattern), None) is not None for pattern in patterns)
+
+
+def check_model_dir(path: Path) -> None:
+    """A local model folder transformers can load, checked from its file names only (nothing is read or loaded):
+    ``config.json`` with weights and a tokenizer, or a PEFT ``adapter_config.json`` with adapter weights."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        if not _has_any(path, _WEIGHT_FILES) and not _has_any(path, _ADAPTER_WEIGHTS):
+            raise UserError(f"model directory {path} has a config.json but no weights (*.safetensors, *.bin or an "
+                            "index of them)", "copy the weight files into it, or point model.name at the complete model folder")
+        if not _has_any(path, _TOKENIZER_FILES):
+            raise UserError(f"model directory {path} has no tokenizer files (tokenizer.json, tokenizer.model or "
+                            "vocab.json)", "save the tokenizer into it too (tokenizer.save_pretrained(DIR))")
+        return
+    if (path / "adapter_config.json").exists():
+        if not _has_any(path, _ADAPTER_WEIGHTS):
+            raise UserError(f"adapter directory {path} has an adapter_config.json but no adapter weights "
+                            "(adapter_model.safetensors)", "copy the adapter weights into it")
+        return
+    raise UserError(f"model directory {path} has no config.json", "point model.name at a saved Hugging Face model")
+
+
 def resolve_model_source(name: str) -> str:
     """Where ``name`` loads from, checked without loading it. Raises UserError when nothing local matches."""
     if name == EMBEDDED:
@@ -148,20 +180,100 @@ def resolve_model_source(name: str) -> str:
         return name
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise UserError(f"model directory {path} has no config.json", "point model.name at a saved Hugging Face model")
+        check_model_dir(path)
         return str(path)
     if path.suffix or name.startswith((".", "/", "~")):
         raise UserError(f"model path {name} does not exist", "check the path, or use a registry name such as smollm2-135m")
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name, local_files_only=True)
+        snapshot = snapshot_download(name, local_files_only=True)
     except Exception:
         raise UserError(
             f"model '{name}' is not a registry name ({', '.join(REGISTRY)}), a local directory, or a hub id in the local cache",
             "pass a local path, or download it once on a machine with network (`hf download ID`); privtune never downloads at run time",
         ) from None
+    check_model_dir(Path(snapshot))  # a cache holding only some files of the model (e.g. its config) is refused
+    return snapshot
+
+
+def _embedded_cached() -> Path | None:
+    target = cache_root() / "models" / EMBEDDED
+    return target if (target / "COMPLETED").exists() else None
+
+
+def check_model_source(name: str) -> None:
+    """What ``resolve_model_source`` checks, without the embedded model's one-time conversion (used by preflight,
+    so ``privtune validate`` converts nothing)."""
+    if name == EMBEDDED:
+        if _embedded_cached() is None:
+            _embedded_gguf()
+        return
+    resolve_model_source(name)
+
+
+def _config_dict(name: str) -> dict | None:
+    """The model's config.json as a dict (no weights read), or None when it has none (a PEFT adapter folder)."""
+    if name == EMBEDDED:
+        cached = _embedded_cached()
+        return json.loads((cached / "config.json").read_text()) if cached is not None else None
+    config = Path(resolve_model_source(name)) / "config.json"
+    if not config.exists():
+        return None
+    try:
+        return json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{config} is not valid JSON", "restore the model's config.json") from None
+
+
+def model_context_length(name: str) -> int | None:
+    """The longest sequence the model takes (``max_position_embeddings`` or its equivalent), from config.json only:
+    no weights loaded, the embedded model not converted. None when the config names no limit. A PEFT adapter
+    folder has its base model's limit."""
+    if name in TINY_FAMILIES:
+        return tiny_config(name, vocab_size=len(byte_tokenizer().get_vocab())).max_position_embeddings
+    config = _config_dict(name)
+    if config is None:
+        if name == EMBEDDED:
+            return EMBEDDED_CONTEXT
+        adapter = Path(resolve_model_source(name)) / "adapter_config.json"
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.exists() else None
+        try:
+            return model_context_length(base) if base else None
+        except UserError:  # the base model itself is checked when it is loaded
+            return None
+    for section in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return section[key]
+    return None
+
+
+def model_skeleton(name: str):
+    """The model's modules on the meta device (no memory, no weights read), for checks such as LoRA's target
+    modules before any work; None when its architecture cannot be built offline (then the check waits for the
+    real load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name in TINY_FAMILIES:
+        config = tiny_config(name, vocab_size=len(byte_tokenizer().get_vocab()))
+    elif name == EMBEDDED:
+        cached = _embedded_cached()
+        # Before its one-time conversion: SmolLM2 is a LlamaForCausalLM, so the tiny Llama has its module names.
+        config = AutoConfig.from_pretrained(cached) if cached else tiny_config("tiny-llama", vocab_size=259)
+    else:
+        source = Path(resolve_model_source(name))
+        if not (source / "config.json").exists():
+            return None
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True)
+        except Exception:  # e.g. an architecture that needs remote code: the real load reports it
+            return None
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return None
 
 
 def load_tokenizer(name: str):

@@ -67,13 +67,38 @@ def training_steps(cfg: RunConfig, num_units: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * num_units / cfg.train.batch_size))
 
 
+def check_privacy_settings(cfg: RunConfig) -> None:
+    """The DP refusals that need only the config, so ``preflight`` runs them before any work; ``resolve_plan`` too.
+
+    Under a DP method: a noise source is required (``target_epsilon`` or ``noise_multiplier``); σ = 0 needs
+    ``non_private_debug`` (which then claims no ε); and a debug run must not name a target ε it will not claim.
+    """
+    if not cfg.is_dp:
+        return
+    privacy = cfg.privacy
+    if privacy.target_epsilon is not None and privacy.non_private_debug:
+        raise UserError("privacy.target_epsilon is set on a non-private debug run", "drop one of the two")
+    if privacy.target_epsilon is None and privacy.noise_multiplier is None:
+        raise UserError(f"train.method={cfg.train.method} needs privacy.target_epsilon or privacy.noise_multiplier",
+                        "set one, e.g. privacy.target_epsilon=8")
+    if privacy.noise_multiplier == 0.0 and not privacy.non_private_debug:
+        raise UserError("privacy.noise_multiplier=0 gives no privacy under a DP method",
+                        "set σ > 0, or privacy.non_private_debug=true for a debug run that claims no ε")
+
+
+def check_batch_size(cfg: RunConfig, num_units: int) -> None:
+    """A logical batch cannot be larger than the training set (its units: examples, or users for unit=group)."""
+    if cfg.train.batch_size > num_units:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {num_units} training units",
+                        "lower train.batch_size or use more data")
+
+
 def resolve_plan(cfg: RunConfig, num_units: int) -> DPPlan:
     from privtune.accounting.calibrate import calibrate_noise, compute_epsilon
 
     privacy = cfg.privacy
-    if cfg.train.batch_size > num_units:
-        raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {num_units} training units",
-                        "lower train.batch_size or use more data")
+    check_batch_size(cfg, num_units)
+    check_privacy_settings(cfg)
     q = cfg.train.batch_size / num_units
     steps = training_steps(cfg, num_units)
     delta = privacy.delta if privacy.delta is not None else default_delta(num_units)
@@ -81,8 +106,6 @@ def resolve_plan(cfg: RunConfig, num_units: int) -> DPPlan:
                   expected_batch_size=q * num_units, unit=privacy.unit, clipping=privacy.clipping,
                   accountant=privacy.accountant)
     if privacy.target_epsilon is not None:
-        if privacy.non_private_debug:
-            raise UserError("privacy.target_epsilon is set on a non-private debug run", "drop one of the two")
         sigma = calibrate_noise(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q, steps=steps,
                                 accountant=privacy.accountant)
         eps = compute_epsilon(noise_multiplier=sigma, delta=delta, sample_rate=q, steps=steps,
@@ -92,15 +115,7 @@ def resolve_plan(cfg: RunConfig, num_units: int) -> DPPlan:
                             "report this bug; set privacy.noise_multiplier explicitly meanwhile")
         return DPPlan(noise_multiplier=sigma, epsilon=eps, **common)
     sigma = privacy.noise_multiplier
-    if sigma is None:
-        raise UserError(f"train.method={cfg.train.method} needs privacy.target_epsilon or privacy.noise_multiplier",
-                        "set one, e.g. privacy.target_epsilon=8")
-    if sigma == 0.0:
-        if not privacy.non_private_debug:
-            raise UserError("privacy.noise_multiplier=0 gives no privacy under a DP method",
-                            "set σ > 0, or privacy.non_private_debug=true for a debug run that claims no ε")
-        return DPPlan(noise_multiplier=0.0, epsilon=None, **common)
-    if privacy.non_private_debug:
+    if sigma == 0.0 or privacy.non_private_debug:  # check_privacy_settings let σ = 0 through only for debug runs
         return DPPlan(noise_multiplier=sigma, epsilon=None, **common)
     eps = compute_epsilon(noise_multiplier=sigma, delta=delta, sample_rate=q, steps=steps,
                           accountant=privacy.accountant)
