@@ -13,7 +13,6 @@ Sensitive: scores of private training text; the metrics are aggregates, the per-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -25,6 +24,7 @@ from privtune.eval.grid import grid, readings
 from privtune.eval.measures import run_measures
 from privtune.eval.scoring import iter_scored
 from privtune.eval.shards import PARTS, PartWriter, merge, part_path, read_done, read_rows, write_rows
+from privtune.fingerprint import RECORD, digest, read_record
 from privtune.launch.config import RunConfig
 from privtune.launch.progress import info, progress
 from privtune.launch.rundir import staged_dir
@@ -34,24 +34,46 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _base_cache_path(cfg: RunConfig, run_dir: Path) -> Path:
-    """Base-model scores depend only on the model, the tokenized data and which examples are scored."""
-    digest = hashlib.sha256()
-    digest.update(f"{cfg.model.name}|{cfg.model.dtype}|{cfg.eval.max_examples}|".encode())
-    for split in ("train", "test"):
-        digest.update((run_dir / "data" / f"tokens.{split}.jsonl").read_bytes())
-    return Path(cfg.output_dir) / ".cache" / f"base-{digest.hexdigest()[:20]}"
+def stage_inputs(cfg: RunConfig, run_dir: Path) -> dict[str, str | None]:
+    """Digests of what this eval reads: the prepared data, the trained model (if any) and the base model's files."""
+    from privtune.trainers.model_ids import model_digest
+
+    data, model = read_record(run_dir / "data"), read_record(run_dir / "model")
+    return {"data": data.output if data else None,
+            "model": model.output if model and cfg.train.method != "none" else None,
+            "base_model": model_digest(cfg.model.name)}
 
 
-def _base_measures_path(cfg: RunConfig, run_dir: Path) -> Path:
+def _scores_key(cfg: RunConfig, inputs: dict, label: str) -> str:
+    """Per-token scores depend only on the model's files, the prepared data, the dtype and which examples."""
+    model = inputs["base_model"] if label == "base" else inputs["model"]
+    return digest({"model": model, "data": inputs["data"], "dtype": cfg.model.dtype,
+                   "max_examples": cfg.eval.max_examples})
+
+
+def _base_cache_path(cfg: RunConfig, inputs: dict) -> Path:
+    return Path(cfg.output_dir) / ".cache" / f"base-{_scores_key(cfg, inputs, 'base')[:20]}"
+
+
+def _base_measures_path(cfg: RunConfig, inputs: dict) -> Path:
     """The base model's exposure and extraction: the scores' key plus every setting the two measures read."""
     e = cfg.eval
     settings = dict(exposure=e.exposure, method=e.exposure_method, sample=e.exposure_sample_size, seed=cfg.seed,
                     spans=e.extraction_max_spans, batch=e.batch_size, max_length=cfg.data.max_length,
                     canaries=cfg.data.canaries.model_dump() if cfg.data.canaries else None)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    scores = _base_cache_path(cfg, run_dir)
-    return scores.with_name(f"{scores.name}.measures-{digest}.json")
+    scores = _base_cache_path(cfg, inputs)
+    return scores.with_name(f"{scores.name}.measures-{digest(settings)[:12]}.json")
+
+
+def _drop_stale_parts(run_dir: Path, label: str, key: str) -> None:
+    """Part files of an interrupted eval are resumed only for the same model, data and examples."""
+    marker = run_dir / PARTS / f"{label}.key"
+    if marker.exists() and marker.read_text().strip() == key:
+        return
+    for stale in (run_dir / PARTS).glob(f"{label}.*.rank*.jsonl"):
+        stale.unlink()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key + "\n")
 
 
 class _Dist:
@@ -79,17 +101,20 @@ def _model_loaders(cfg: RunConfig, run_dir: Path) -> list[tuple[str, object]]:
     loaders = []
     if cfg.eval.base_model or cfg.train.method == "none":
         loaders.append(("base", lambda: load_model(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)))
-    if (run_dir / "model" / "COMPLETED").exists():
+    if (run_dir / "model" / RECORD).exists():
         loaders.append(("trained", lambda: load_trained(run_dir / "model", dtype=cfg.model.dtype, seed=cfg.seed)))
     return loaders
 
 
-def score_shards(cfg: RunConfig, run_dir: Path, splits: dict, dist: _Dist) -> float:
+def score_shards(cfg: RunConfig, run_dir: Path, splits: dict, dist: _Dist, inputs: dict) -> float:
     """Score this rank's share of every (model, split) not yet scored; returns seconds spent scoring."""
     seconds = 0.0
     for label, load in _model_loaders(cfg, run_dir):
-        if label == "base" and _base_cache_path(cfg, run_dir).exists():  # scored by an earlier run
+        if label == "base" and _base_cache_path(cfg, inputs).exists():  # scored by an earlier run
             continue
+        if dist.rank == 0:
+            _drop_stale_parts(run_dir, label, _scores_key(cfg, inputs, label))
+        dist.barrier()
         pending = {split: [i for i in range(len(ids)) if i not in read_done(run_dir, label, split)]
                    for split, (ids, _) in splits.items()}
         mine = {split: idx[dist.rank :: dist.world] for split, idx in pending.items()}
@@ -111,7 +136,7 @@ def score_shards(cfg: RunConfig, run_dir: Path, splits: dict, dist: _Dist) -> fl
     return seconds
 
 
-def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path, data, limit) -> dict:
+def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path, data, limit, inputs: dict) -> dict:
     """Rank 0: merge the part files into per-model grids, readings and metrics.json."""
     metrics: dict = {
         "model": cfg.model.name,
@@ -120,7 +145,7 @@ def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path, data, 
     }
     all_scores = {}
     for label, _ in _model_loaders(cfg, run_dir):
-        cache = _base_cache_path(cfg, run_dir) if label == "base" else None
+        cache = _base_cache_path(cfg, inputs) if label == "base" else None
         if cache is not None and cache.exists():
             scores = {split: merge(read_rows([cache / f"{split}.jsonl"]), sens) for split, (_, sens) in splits.items()}
         else:
@@ -141,7 +166,7 @@ def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path, data, 
         if label in metrics:
             metrics[label]["readings"] = readings(metrics[label]["grid"], base_grid if label == "trained" else None)
     metrics.update(run_measures(cfg, run_dir, _model_loaders(cfg, run_dir), all_scores, data, limit,
-                                base_cache=_base_measures_path(cfg, run_dir)))
+                                base_cache=_base_measures_path(cfg, inputs)))
     efficiency = run_dir / "model" / "efficiency.json"
     if efficiency.exists():
         metrics["cost"] = json.loads(efficiency.read_text())
@@ -149,7 +174,7 @@ def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path, data, 
     return metrics
 
 
-def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None) -> dict:
+def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None, *, inputs: dict | None = None) -> dict:
     """Score (all ranks) and aggregate (rank 0, into ``out_dir``). Returns metrics on rank 0, {} elsewhere."""
     from privtune.corpora import load_prepared
 
@@ -160,12 +185,15 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None) -> dict:
     limit = cfg.eval.max_examples
     splits = {name: (split.input_ids[:limit], split.sensitive[:limit])
               for name, split in (("train", data.train), ("test", data.test))}
-    seconds = score_shards(cfg, run_dir, splits, dist)
+    inputs = inputs if inputs is not None else stage_inputs(cfg, run_dir)
+    seconds = score_shards(cfg, run_dir, splits, dist, inputs)
     dist.barrier()
     if dist.rank != 0:
         return {}
-    metrics = aggregate(cfg, run_dir, splits, out_dir, data, limit)
+    metrics = aggregate(cfg, run_dir, splits, out_dir, data, limit, inputs)
     metrics["scoring"] = {"seconds_rank0": round(seconds, 2), "world_size": dist.world}
+    # What these numbers are of: the eval settings and the digests of the data and models scored.
+    metrics["provenance"] = {"eval": cfg.eval.model_dump(mode="json"), "inputs": inputs}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if seconds:
         info(f"[bold]eval[/]  scored in {seconds:.1f} s ({dist.world} process{'es' if dist.world > 1 else ''})")

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="privtune", description="Fine-tune LLMs on private data and measure what they memorize.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_config_args(sub.add_parser("run", help="run every stage of a config (data, train, eval)"))
     _add_config_args(sub.add_parser("validate", help="check a config and print what it resolves to"))
@@ -85,24 +87,41 @@ def _print_json(obj) -> None:
 
 def cmd_validate(args) -> int:
     from privtune.launch.config import dump_config
+    from privtune.launch.preflight import preflight
+    from privtune.launch.stages import plan_run
     from privtune.launch.sweep import load_sweep
 
     _, runs = load_sweep(args.config, args.overrides)
+    plans = {}
+    for cfg in runs:  # refuse exactly what `privtune run` would refuse before its work
+        preflight(cfg)
+        plans[cfg.name] = {stage: plan.action for stage, plan in plan_run(cfg).items()}  # reads, never writes
     if args.json:
-        _print_json({"valid": True, "runs": [cfg.model_dump(mode="json") for cfg in runs]})
+        _print_json({"valid": True, "runs": [cfg.model_dump(mode="json") for cfg in runs], "stages": plans})
     else:
         for cfg in runs:
-            sys.stdout.write(f"# {args.config}: valid, run {cfg.name}\n{dump_config(cfg)}")
+            stages = ", ".join(f"{stage} {action}" for stage, action in plans[cfg.name].items())
+            sys.stdout.write(f"# {args.config}: valid, run {cfg.name} ({stages})\n{dump_config(cfg)}")
     return 0
+
+
+def _preflight_all(runs) -> None:
+    """Every run of a sweep checked before the first one starts: a bad last run must not cost the others' work."""
+    from privtune.launch.preflight import preflight
+    from privtune.launch.stages import plan_run
+
+    if len(runs) > 1:  # a single run is preflighted by ensure_data
+        for cfg in runs:
+            preflight(cfg)
+            plan_run(cfg)  # a run dir holding another experiment is refused now, not after the runs before it
 
 
 def cmd_data(args) -> int:
     from privtune.launch.pipeline import ensure_data
-    from privtune.launch.progress import set_quiet
     from privtune.launch.sweep import load_sweep
 
-    set_quiet(args.json)
     _, runs = load_sweep(args.config, args.overrides)
+    _preflight_all(runs)
     prepared = []
     for cfg in runs:
         run_dir, existed = ensure_data(cfg)
@@ -121,14 +140,16 @@ def cmd_data(args) -> int:
 def cmd_run(args) -> int:
     from privtune.launch.config import load_config
     from privtune.launch.pipeline import run_pipeline
-    from privtune.launch.progress import set_quiet
     from privtune.launch.summary import print_run_summary
-    from privtune.launch.sweep import has_grid
+    from privtune.launch.sweep import has_grid, load_sweep
 
-    if has_grid(args.config):  # a config with a grid is a comparison: run it as a sweep
-        return cmd_sweep(args)
-    set_quiet(args.json)
-    cfg = load_config(args.config, args.overrides)
+    if has_grid(args.config):  # a config with a grid is a comparison: run it as a sweep ...
+        name, runs = load_sweep(args.config, args.overrides)
+        if len(runs) > 1 or runs[0].name != name:
+            return cmd_sweep(args)
+        cfg = runs[0]  # ... unless `grid=null` left the base config alone: then it is one run
+    else:
+        cfg = load_config(args.config, args.overrides)
     metrics = run_pipeline(cfg)
     if "rank" in metrics:  # a non-main rank of a distributed run: rank 0 prints the results
         return 0
@@ -143,15 +164,17 @@ def cmd_sweep(args) -> int:
     from rich.console import Console
 
     from privtune.launch.pipeline import run_pipeline
-    from privtune.launch.progress import info, set_quiet
+    from privtune.launch.progress import info
     from privtune.launch.sweep import base_grids, comparison_rows, load_sweep, render_comparison
 
-    set_quiet(args.json)
     name, runs = load_sweep(args.config, args.overrides)
+    _preflight_all(runs)
     results = []
     for i, cfg in enumerate(runs, 1):
         info(f"[bold]sweep[/]  run {i}/{len(runs)}: {cfg.name}")
         results.append((cfg, run_pipeline(cfg)))
+    if any("rank" in metrics for _, metrics in results):  # a non-main rank of a distributed sweep: rank 0 reports
+        return 0
     rows = comparison_rows(results)
     if args.json:
         _print_json({"sweep": name, "runs": rows})
@@ -166,13 +189,12 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from privtune.fingerprint import RECORD
     from privtune.launch.config import load_config
     from privtune.launch.pipeline import run_eval_stage
-    from privtune.launch.progress import set_quiet
-    from privtune.launch.rundir import RESOLVED, check_existing_run
+    from privtune.launch.rundir import RESOLVED
     from privtune.launch.summary import print_run_summary
 
-    set_quiet(args.json)
     run_dir = Path(args.run_dir)
     if not (run_dir / RESOLVED).exists():
         raise UserError(f"{run_dir} is not a privtune run dir (no {RESOLVED})", "pass a folder made by privtune run")
@@ -181,7 +203,9 @@ def cmd_eval(args) -> int:
         raise UserError(f"privtune eval takes only eval.* and performance.* overrides, got {bad[0]}",
                         "change other settings with privtune run")
     cfg = load_config(run_dir / RESOLVED, [*args.overrides, f"output_dir={run_dir.parent}"])
-    check_existing_run(cfg)
+    if cfg.train.method != "none" and not (run_dir / "model" / RECORD).exists():
+        raise UserError(f"{run_dir} has no trained model yet",
+                        "run `privtune run CONFIG` first (or set train.method=none)")
     metrics = run_eval_stage(cfg, run_dir)
     if not metrics:  # a non-main rank
         return 0
@@ -216,7 +240,11 @@ def cmd_budget(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # privtune never downloads at run time
+    # stderr shows privtune's own progress: no weight-loading bars or advisory warnings from the libraries
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if shutil.which("nvidia-smi") is None:  # else DeepSpeed's import warns on *stdout*, corrupting --json
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     argv = sys.argv[1:] if argv is None else argv
@@ -230,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
                                      steps=cal.steps, accountant=cal.accountant, as_json=cal.json)
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.version:
+            from privtune import __version__
+
+            sys.stdout.write(f"privtune {__version__}\n")
+            return 0
         if args.command is None:
             parser.print_help()
             return 2
@@ -260,10 +293,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(err, Preempted):
             raise
-        sys.stderr.write(f"privtune: stopped by {err.args[0]}; a checkpoint was written: run the same command to resume\n")
+        name = signal.Signals(err.signum).name
+        sys.stderr.write(f"privtune: stopped by {name} ({err.args[0]}); a checkpoint was written: run the same "
+                         "command to resume\n")
         return 128 + err.signum
-    except KeyboardInterrupt:
-        sys.stderr.write("privtune: interrupted; finished stages are kept, the next run resumes\n")
+    except KeyboardInterrupt as err:  # outside training (or Ctrl-C twice in it): say what is kept
+        what = str(err) or "interrupted; finished stages and the examples already scored are kept, the same command resumes"
+        sys.stderr.write(f"privtune: {what}\n")
         return 130
 
 

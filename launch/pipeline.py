@@ -1,8 +1,9 @@
-"""The stage runner: ``privtune run`` = data → train → eval, each stage skipped once it finished.
+"""The stage runner: ``privtune run`` = data → train → eval, each stage reused only while what it read is unchanged.
 
-Owns: the order of stages and their idempotence. A run dir exists only once its data is prepared (see
-``rundir.create_run_dir``); each later stage publishes its folder atomically, so a re-run skips finished stages and
-redoes an interrupted one.
+Owns: the order of stages. A run dir exists only once its data is prepared (see ``rundir.create_run_dir``); each
+later stage publishes its folder atomically with its record (``privtune.fingerprint``), so a re-run reuses a
+stage whose record matches, redoes one whose settings or inputs changed (and says why), and resumes an
+interrupted one. What counts as a change is declared in ``stages``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from privtune.fingerprint import file_digest, read_record, tree_digest, write_record
 from privtune.launch.config import RunConfig
-from privtune.launch.errors import UserError
+from privtune.launch.preflight import preflight
 from privtune.launch.progress import info
-from privtune.launch.rundir import check_existing_run, create_run_dir, mark_done, stage_done, staged_dir
+from privtune.launch.rundir import create_run_dir, staged_dir
+from privtune.launch.stages import (
+    data_inputs,
+    finished,
+    plan_eval,
+    plan_run,
+    train_wanted,
+    wanted,
+    write_resolved,
+)
 
 
 def prepare_data(cfg: RunConfig, data_dir: Path) -> dict:
@@ -33,61 +44,82 @@ def prepare_data(cfg: RunConfig, data_dir: Path) -> dict:
     return save_prepared(data_dir, train, test, train_tok, test_tok, corpus.canaries, meta)
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Cheap checks of everything a run needs, so bad input fails before any work starts."""
-    from privtune.trainers.models import resolve_model_source
-
-    resolve_model_source(cfg.model.name)
-    if cfg.data.source not in ("customersim", "synbio") and not Path(cfg.data.source).expanduser().exists():
-        raise UserError(f"data source {cfg.data.source} does not exist",
-                        "set data.source to a .jsonl or .csv file, a `datasets` directory, customersim or synbio")
-
-
 def ensure_data(cfg: RunConfig) -> tuple[Path, bool]:
-    """The run dir with prepared data; (path, True) if it already existed."""
-    if check_existing_run(cfg):
-        return cfg.run_dir, True
+    """The run dir with prepared data; (path, True) if the prepared data was reused.
+
+    Every stage is decided first (``stages.plan_run``): a run dir whose training came from other inputs is refused
+    before any work; data whose settings or source changed is prepared again, and says why.
+    """
     preflight(cfg)
-    info(f"[bold]data[/]  preparing {cfg.data.source} for {cfg.model.name} → {cfg.run_dir}")
-    create_run_dir(cfg, lambda tmp: prepare_data(cfg, tmp / "data"))
+    plan = plan_run(cfg)["data"]
+    if plan.action == "reuse":
+        info(f"[bold]data[/]  reused: {cfg.run_dir}/data matches this config and its sources")
+        write_resolved(cfg, cfg.run_dir)
+        return cfg.run_dir, True
+    want = wanted("data", cfg, data_inputs(cfg))
+
+    def populate(data_dir: Path) -> None:
+        prepare_data(cfg, data_dir)
+        write_record(data_dir, finished(want, output=tree_digest(data_dir)))
+
+    if plan.action == "new":
+        info(f"[bold]data[/]  preparing {cfg.data.source} for {cfg.model.name} → {cfg.run_dir}")
+        create_run_dir(cfg, lambda tmp: populate(tmp / "data"))
+    else:
+        info(f"[bold]data[/]  {'; '.join(plan.reasons)}: preparing again")
+        with staged_dir(cfg.run_dir / "data") as tmp:
+            populate(tmp)
+    write_resolved(cfg, cfg.run_dir)
     return cfg.run_dir, False
 
 
 def run_eval_stage(cfg: RunConfig, run_dir: Path) -> dict:
-    """Score on every rank, aggregate and publish ``eval/`` on the main process."""
+    """Score on every rank, aggregate and publish ``eval/`` on the main process; reused only while its record
+    matches (same eval settings, same data, same trained and base model)."""
     from privtune.eval.stage import evaluate_run, finish
 
-    if stage_done(run_dir, "eval"):
-        info("[bold]eval[/]  already done, skipping")
+    plan, want = plan_eval(cfg, run_dir)
+    if plan.action == "reuse":
+        info("[bold]eval[/]  reused: the scores match this model, data and eval settings")
         return json.loads((run_dir / "eval" / "metrics.json").read_text())
+    if plan.action == "redo":
+        info(f"[bold]eval[/]  {'; '.join(plan.reasons)}: scoring again")
     state = _distributed()
     if state is not None and not state.is_main_process:
-        evaluate_run(cfg, run_dir, None)
+        evaluate_run(cfg, run_dir, None, inputs=want.inputs)
         return {}
     with staged_dir(run_dir / "eval") as tmp:
-        metrics = evaluate_run(cfg, run_dir, tmp)
-        mark_done(tmp)
+        metrics = evaluate_run(cfg, run_dir, tmp, inputs=want.inputs)
+        write_record(tmp, finished(want, output=file_digest(tmp / "metrics.json")))
     finish(run_dir)
+    write_resolved(cfg, run_dir)
     return metrics
 
 
 def run_train_stage(cfg: RunConfig, run_dir: Path) -> None:
-    """Train and publish ``model/`` (with ``efficiency.json``); resumes from the newest checkpoint."""
+    """Train and publish ``model/`` (with ``efficiency.json``); resumes from the newest checkpoint of the same
+    inputs (``stages.plan_run`` has refused checkpoints or a model of other inputs)."""
     from privtune.trainers.recipe import run_training
 
-    if cfg.train.method == "none" or stage_done(run_dir, "model"):
-        if cfg.train.method != "none":
-            info("[bold]train[/]  already done, skipping")
+    if cfg.train.method == "none":
         return
-    info(f"[bold]train[/]  {cfg.train.method} on {cfg.model.name}")
+    plan = plan_run(cfg)["model"]
+    if plan.action == "reuse":
+        info("[bold]train[/]  reused: model/ was trained with this config and data")
+        write_resolved(cfg, run_dir)
+        return
+    want = train_wanted(cfg, read_record(run_dir / "data"))
+    resuming = f" (resuming {plan.reasons[0]})" if plan.action == "resume" else ""
+    info(f"[bold]train[/]  {cfg.train.method} on {cfg.model.name}{resuming}")
     state = _distributed()
     if state is None or state.is_main_process:
         with staged_dir(run_dir / "model") as tmp:
-            stats = run_training(cfg, run_dir, tmp)
-            mark_done(tmp, {"steps": stats["steps"]})
+            stats = run_training(cfg, run_dir, tmp, train_key=want.key)
+            write_record(tmp, finished(want, output=tree_digest(tmp), summary={"steps": stats["steps"]}))
+        write_resolved(cfg, run_dir)
     else:  # other ranks train alongside; only the main process publishes the model
         with tempfile.TemporaryDirectory() as tmp:
-            run_training(cfg, run_dir, Path(tmp))
+            run_training(cfg, run_dir, Path(tmp), train_key=want.key)
     if state is not None:
         state.wait_for_everyone()
 

@@ -31,8 +31,13 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def _main_rank() -> bool:
+    """Under torchrun / srun every rank runs the same stages: only rank 0 narrates them."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def info(message: str) -> None:
-    if not _quiet:
+    if not _quiet and _main_rank():
         console.print(message)
 
 
@@ -66,7 +71,7 @@ class _LogLines(_Bar):
 
 @contextlib.contextmanager
 def progress(*, total: int, desc: str, unit: str = "it") -> Iterator[_Bar]:
-    if _quiet or os.environ.get("PRIVTUNE_PROGRESS") == "0":
+    if _quiet or os.environ.get("PRIVTUNE_PROGRESS") == "0" or not _main_rank():
         yield _Bar(None, None)
         return
     if not sys.stderr.isatty():

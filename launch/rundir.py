@@ -1,8 +1,9 @@
 """Run directories: where everything a run makes lives, written so that nothing is ever half there.
 
-Owns: creating ``runs/<name>/`` atomically, checking that a re-run uses the same config, and publishing each
-stage's output with write-to-temp-then-rename. A stage's folder exists only once the stage finished; an
-interrupted stage leaves a hidden ``.<stage>.tmp-*`` folder that the next attempt removes.
+Owns: creating ``runs/<name>/`` atomically and publishing each stage's output with write-to-temp-then-rename
+(which stages are still valid is decided in ``stages`` from the records stage folders hold). A stage's folder
+exists only once the stage finished; an interrupted stage leaves a hidden ``.<stage>.tmp-*`` folder that the next
+attempt removes.
 
 Layout (DESIGN.md): ``config.resolved.yaml``, ``data/``, ``checkpoints/step-N/``, ``model/``, ``ledger.json``,
 ``eval/``, ``report.md``.
@@ -18,20 +19,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import yaml
-
 from privtune.launch.config import RunConfig, dump_config
-from privtune.launch.errors import UserError
 
 RESOLVED = "config.resolved.yaml"
-
-# Sections that may differ when a finished run is run again (they change speed or what is reported, not what was
-# trained). Everything else must match, or the run dir would mix artifacts of two experiments.
-_FREE_SECTIONS = ("performance", "eval", "output_dir")
-
-
-def _comparable(tree: dict) -> dict:
-    return {k: v for k, v in tree.items() if k not in _FREE_SECTIONS}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -69,26 +59,6 @@ def staged_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_existing_run(cfg: RunConfig) -> bool:
-    """True if the run dir exists and holds the same experiment (config equal up to performance/eval settings)."""
-    run_dir = cfg.run_dir
-    if not run_dir.exists():
-        return False
-    saved_path = run_dir / RESOLVED
-    if not saved_path.exists():
-        raise UserError(f"{run_dir} exists but is not a privtune run dir", "choose another name or output_dir")
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = yaml.safe_load(dump_config(cfg))
-    if _comparable(saved) != _comparable(now):
-        changed = sorted(k for k in set(saved) | set(now) if k not in _FREE_SECTIONS and saved.get(k) != now.get(k))
-        raise UserError(
-            f"run dir {run_dir} holds a run with a different config (sections differ: {', '.join(changed)})",
-            "give this run another name (name=...) or delete the old run dir",
-        )
-    atomic_write_text(saved_path, dump_config(cfg))  # performance/eval settings may have changed
-    return True
-
-
 def create_run_dir(cfg: RunConfig, populate: Callable[[Path], None]) -> Path:
     """Create the run dir in one step: ``populate(tmp)`` fills a temporary dir that is renamed when it returns.
 
@@ -99,11 +69,3 @@ def create_run_dir(cfg: RunConfig, populate: Callable[[Path], None]) -> Path:
         (tmp / RESOLVED).write_text(dump_config(cfg))
         populate(tmp)
     return cfg.run_dir
-
-
-def stage_done(run_dir: Path, stage: str) -> bool:
-    return (run_dir / stage / "COMPLETED").exists()
-
-
-def mark_done(stage_tmp: Path, summary: dict | None = None) -> None:
-    (stage_tmp / "COMPLETED").write_text(json.dumps(summary or {}, sort_keys=True) + "\n")

@@ -132,4 +132,5 @@ def test_base_model_measures_are_computed_once_per_data_and_settings(tmp_path, m
 
     changed = config_from_dict({**BASE, "name": "third", "output_dir": str(tmp_path / "runs"),
                                 "eval": {**BASE["eval"], "exposure_sample_size": 64}})
-    assert stage._base_measures_path(changed, second.run_dir) != stage._base_measures_path(second, second.run_dir)
+    inputs = stage.stage_inputs(second, second.run_dir)
+    assert stage._base_measures_path(changed, inputs) != stage._base_measures_path(second, inputs)

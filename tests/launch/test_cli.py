@@ -105,9 +105,9 @@ def test_data_command_json_and_reuse(workdir, capsys):
     assert first["reused"] is False and first["spans_origin"] == "gold"
     code, out, _ = run_cli(capsys, "data", str(cfg), "--json")
     assert json.loads(out)["reused"] is True
-    # The same name with a different experiment is refused rather than mixed into the old run dir.
-    code, _, err = run_cli(capsys, "data", str(cfg), "data.seed=7")
-    assert_one_line_error(code, err, "different config")
+    # Other data settings: the data is prepared again (nothing was trained on it) and the command says why.
+    code, out, err = run_cli(capsys, "data", str(cfg), "data.seed=7", "--json")
+    assert code == 0 and json.loads(out)["reused"] is False and "data.seed: 0 → 7" in err
 
 
 def test_run_end_to_end_on_a_tiny_model(workdir, capsys):
@@ -129,7 +129,7 @@ def test_run_end_to_end_on_a_tiny_model(workdir, capsys):
     assert grid["train_sensitive"]["tokens"] == sensitive_predicted
     # Running again skips every finished stage.
     code, out, err = run_cli(capsys, "run", str(cfg))
-    assert code == 0 and "skipping" in err
+    assert code == 0 and "data  reused" in err and "eval  reused" in err
 
 
 def test_validate_json(capsys):
