@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,23 +40,48 @@ from privtune.trainers.checkpoint import (
     set_rng_state,
 )
 from privtune.trainers.output import Guarantee, PeakMemory, save_model_dir, trainable_parameter_count
+from privtune.trainers.train_log import TrainLog
 
 STAGE = "train"
 
 
+@dataclass
+class StepStats:
+    """What one step did on this rank: the sum of per-row losses, units, tokens and (DP) per-unit norms."""
+
+    loss_sum: float = 0.0
+    units: int = 0
+    tokens: int = 0
+    unit_norms: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+
+    def add(self, losses: torch.Tensor, *, real_rows: int, tokens: int) -> None:
+        self.loss_sum += float(losses.sum())  # padding rows have loss exactly 0
+        self.units += real_rows
+        self.tokens += tokens
+
+
 class Preempted(Exception):
-    """SIGTERM or SIGUSR1 arrived: a checkpoint was written, the run resumes when started again."""
+    """SIGTERM, SIGUSR1 or Ctrl-C arrived: a checkpoint was written, the run resumes when started again."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """A second Ctrl-C: stopped at once; the message says what the next run resumes from."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 class FineTuneRecipe:
-    def __init__(self, cfg: RunConfig, run_dir: Path):
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, train_key: str | None = None):
         self.cfg, self.run_dir = cfg, run_dir
+        self.train_key = train_key  # digest of what this training reads; checkpoints carry it (stages.plan_run)
         self.is_dp = cfg.is_dp
         self.stop_signal: int | None = None
+        self.last_checkpoint: int | None = None
 
     # ---------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -97,7 +123,8 @@ class FineTuneRecipe:
             self.ledger = self._open_ledger(unit="example", num_units=n)
         self.step = 0
         self._resume()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.log = TrainLog(self.run_dir, resume_step=self.step) if self.rank == 0 else None
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -142,14 +169,32 @@ class FineTuneRecipe:
         if ckpt is None:
             return
         extra, rngs = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        self.step = extra["step"]
+        self.step = self.last_checkpoint = extra["step"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         if self.ledger is not None:
             self.ledger.rewind(extra["ledger"], stage=STAGE, run_id=self.cfg.name)
         info(f"[bold]train[/]  resumed from {ckpt.name}")
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:  # Ctrl-C twice: stop now
+            where = f"step-{self.last_checkpoint}" if self.last_checkpoint else "the start (no checkpoint yet)"
+            raise TrainingInterrupted(f"interrupted twice during training; steps after the last checkpoint are "
+                                      f"lost: the same command resumes from {where}")
+        if signum == signal.SIGINT and self.rank == 0:
+            info("[bold]train[/]  Ctrl-C: writing a checkpoint after this step, then stopping "
+                 "(Ctrl-C again to stop at once)")
         self.stop_signal = signum  # acted on at the end of the current step: a checkpoint, then exit
+
+    def _stop_requested(self) -> bool:
+        """True on every rank if a stop signal reached any rank, so all ranks checkpoint the same step."""
+        flag = self.stop_signal or 0
+        if self.world > 1:
+            t = torch.tensor([flag], dtype=torch.long, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        if flag and self.stop_signal is None:
+            self.stop_signal = flag
+        return bool(flag)
 
     # ---------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -159,21 +204,64 @@ class FineTuneRecipe:
         with PeakMemory(self.device) as memory, \
                 progress(total=self.total_steps - first_step, desc=f"train {self.cfg.train.method}", unit="steps") as bar:
             while self.step < self.total_steps:
-                tokens += self._dp_step() if self.is_dp else self._plain_step()
+                step_started = time.perf_counter()
+                learning_rate = self.scheduler.get_last_lr()[0]
+                stats = self._dp_step() if self.is_dp else self._plain_step()
                 self._check_every_parameter_has_a_gradient()
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self._count_step()
+                self._log_step(stats, learning_rate=learning_rate, seconds=time.perf_counter() - step_started)
+                tokens += stats.tokens  # summed over ranks by _log_step
                 bar.update(1)
-                if self.stop_signal is not None or (every and self.step % every == 0):
+                stop = self._stop_requested()
+                if stop or (every and self.step % every == 0):
                     self.save_checkpoint()
-                if self.stop_signal is not None:
+                if stop:
                     raise Preempted(f"signal {self.stop_signal} at step {self.step}", self.stop_signal)
         seconds = time.perf_counter() - started
-        return {"steps": self.step - first_step, "seconds": seconds, "tokens": tokens * self.world,
+        return {"steps": self.step - first_step, "seconds": seconds, "tokens": tokens,
                 "peak_memory_bytes": memory.peak}
+
+    def _log_step(self, stats: StepStats, *, learning_rate: float, seconds: float) -> None:
+        """Aggregate this step's statistics over ranks and append them to the training log (rank 0)."""
+        totals = torch.tensor([stats.loss_sum, stats.units, stats.tokens], dtype=torch.float64)
+        norms = stats.unit_norms
+        if self.world > 1:
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+            if self.is_dp:
+                gathered = [None] * self.world
+                dist.all_gather_object(gathered, norms)
+                norms = torch.cat(gathered)
+        stats.tokens = int(totals[2])
+        if self.log is None:
+            return
+        loss_sum, units, step_tokens = totals.tolist()
+        row = {"step": self.step, "loss": loss_sum / units if units else None, "learning_rate": learning_rate,
+               "tokens": int(step_tokens), "seconds": round(seconds, 4),
+               "tokens_per_second": round(step_tokens / max(seconds, 1e-9), 2)}
+        if self.is_dp:
+            norms = norms.to(torch.float64)
+            q = (torch.quantile(norms, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+                 if norms.numel() else [None] * 3)
+            row["clipped_fraction"] = float((norms > self.plan.clip_norm).double().mean()) if norms.numel() else None
+            row["unit_norm_quantiles"] = {"p10": q[0], "p50": q[1], "p90": q[2],
+                                          "max": float(norms.max()) if norms.numel() else None}
+            row["epsilon"] = self._epsilon_so_far()
+            row["delta"] = self.plan.delta
+        self.log.write(row)
+
+    def _epsilon_so_far(self) -> float | None:
+        from privtune.accounting.calibrate import compute_epsilon
+
+        if not self.plan.formal:
+            return None
+        return compute_epsilon(noise_multiplier=self.plan.noise_multiplier, delta=self.plan.delta,
+                               sample_rate=self.plan.sample_rate, steps=self.step, accountant=self.plan.accountant)
 
     def _check_every_parameter_has_a_gradient(self) -> None:
         """Guardrail: an optimizer step must update every trainable parameter (opacus #820: LoRA never updated)."""
@@ -186,38 +274,43 @@ class FineTuneRecipe:
     def _inputs(self, rows: list[int]):
         return collate(rows, self.train_data.input_ids, pad_id=self.tokenizer.pad_token_id).to(self.device)
 
-    def _plain_step(self) -> int:
+    def _plain_step(self) -> StepStats:
         from privtune.trainers.dp import per_example_loss
 
-        tokens = 0
+        stats = StepStats()
         batch_size = self.batches.batch_size
         for rows in self.batches.micro_batches(self.step):
             inputs = self._inputs(rows)
             with self.autocast:
                 logits = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
             # Same objective as the DP methods: the mean over the batch of each example's mean token loss.
-            (per_example_loss(logits.float(), inputs.labels).sum() / batch_size).backward()
-            tokens += inputs.num_tokens
+            losses = per_example_loss(logits.float(), inputs.labels)
+            (losses.sum() / batch_size).backward()
+            stats.add(losses.detach(), real_rows=sum(1 for r in rows if r >= 0), tokens=inputs.num_tokens)
         if self.world > 1:
             for p in self.trainable:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
-        return tokens
+        return stats
 
-    def _dp_step(self) -> int:
+    def _dp_step(self) -> StepStats:
         from privtune.trainers.dp import add_noise, noise_source, normalize, per_example_loss
 
         batch = self.sampler.batch(self.step)
-        tokens = 0
+        stats = StepStats()
         for micro in (m.without_padding() for m in batch.micro_batches):
             inputs = self._inputs(micro.rows.tolist())
             with self.engine.micro_batch(micro.unit_ids.to(self.device)):
                 with self.autocast:
                     logits = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
-                self.engine.backward(per_example_loss(logits.float(), inputs.labels))
-            tokens += inputs.num_tokens
-        clipped = self.engine.pop_clipped_sum().grads
+                losses = per_example_loss(logits.float(), inputs.labels)
+                self.engine.backward(losses)
+            stats.add(losses.detach(), real_rows=micro.num_real_rows, tokens=inputs.num_tokens)
+        result = self.engine.pop_clipped_sum()
+        clipped = result.grads
+        stats.units = result.num_units  # a group unit's rows count once
+        stats.unit_norms = result.unit_norms.detach().cpu()
         if self.world > 1:
             for tensor in clipped.values():
                 dist.all_reduce(tensor)
@@ -230,7 +323,7 @@ class FineTuneRecipe:
             for tensor in clipped.values():
                 dist.broadcast(tensor, src=0)
         self.engine.set_grads(normalize(clipped, expected_batch_size=self.plan.expected_batch_size))
-        return tokens
+        return stats
 
     def _count_step(self) -> None:
         """The ledger counts optimizer steps, one per logical step, never micro-batches."""
@@ -253,10 +346,12 @@ class FineTuneRecipe:
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
         if self.rank == 0:
-            extra = {"ledger": self.ledger.state_dict() if self.ledger is not None else None}
+            extra = {"ledger": self.ledger.state_dict() if self.ledger is not None else None,
+                     "train_key": self.train_key}
             save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, extra=extra, rank_rng=rngs)
             prune_checkpoints(self.run_dir)
+        self.last_checkpoint = self.step
         if self.world > 1:
             dist.barrier()
 
@@ -280,8 +375,11 @@ class FineTuneRecipe:
             reason = (f"method {self.cfg.train.method} adds no noise" if not self.is_dp else
                       f"non-private debug run of {self.cfg.train.method} (sigma={self.plan.noise_multiplier})")
             self.ledger.record(NonPrivateEvent(reason=reason, steps=self.step), stage=STAGE)
+        training = self.ledger.find(stage=STAGE, run_id=self.cfg.name) if self.is_dp and self.plan.formal else None
+        # The card pins the ledger as it stands at release: `privtune budget` refuses a ledger changed since.
         save_model_dir(out, self.model, self.tokenizer, method=self.cfg.train.method, base_model=self.cfg.model.name,
-                       data_source=self.cfg.data.source, guarantee=self.guarantee(), steps=self.step)
+                       data_source=self.cfg.data.source, guarantee=self.guarantee(), steps=self.step,
+                       ledger=self._ledger_pin(training), event=training.event.to_dict() if training else None)
         seconds = stats["seconds"]
         efficiency = {
             "method": self.cfg.train.method,
@@ -298,16 +396,24 @@ class FineTuneRecipe:
             efficiency["dp_plan"] = self.plan.to_dict()
         (out / "efficiency.json").write_text(json.dumps(efficiency, indent=2, sort_keys=True) + "\n")
 
+    def _ledger_pin(self, training) -> dict:
+        """The ledger hash the card records: right after this run's training entry (or its non-private record)."""
+        if training is None:
+            return self.ledger.head
+        return {"ledger_id": self.ledger.ledger_id, "seq": training.seq, "hash": self.ledger.hash_at(training.seq)}
+
     def cleanup(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_DFL)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+        if getattr(self, "log", None) is not None:
+            self.log.close()
 
 
-def run_training(cfg: RunConfig, run_dir: Path, out: Path) -> dict:
+def run_training(cfg: RunConfig, run_dir: Path, out: Path, *, train_key: str | None = None) -> dict:
     """The train stage: build the recipe, train, write the model into ``out`` (renamed to model/ by the caller)."""
     if cfg.train.method == "none":
         raise UserError("train.method=none has nothing to train", "choose full, lora, dp or dp-lora")
-    recipe = FineTuneRecipe(cfg, run_dir)
+    recipe = FineTuneRecipe(cfg, run_dir, train_key=train_key)
     recipe.setup()
     try:
         stats = recipe.train()

@@ -82,7 +82,11 @@ def test_ledger_counts_optimizer_steps_not_micro_batches(tmp_path):
 
 def test_zero_noise_is_refused_unless_debug_and_then_no_epsilon_is_claimed(tmp_path, capsys):
     cfg = make_cfg(tmp_path, train__method="dp", privacy__noise_multiplier=0.0)
-    run_dir, _ = ensure_data(cfg)
+    with pytest.raises(UserError, match="non_private_debug"):  # refused before any work: no run dir
+        ensure_data(cfg)
+    assert not cfg.run_dir.exists()
+    # The trainer refuses it too, should anything reach it with σ = 0.
+    run_dir, _ = ensure_data(make_cfg(tmp_path, train__method="dp"))
     with pytest.raises(UserError, match="non_private_debug"):
         FineTuneRecipe(cfg, run_dir).setup()
 
@@ -140,7 +144,9 @@ def _write_cfg(tmp_path: Path, name: str, **overrides) -> Path:
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_stop_signal_then_resume_matches_an_uninterrupted_run(tmp_path, signum):
+    """SIGTERM (Slurm preemption) and Ctrl-C both checkpoint after the current step, exit 128+signal, and resume."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     straight = _write_cfg(tmp_path, "straight")
     assert subprocess.run([sys.executable, "-m", "privtune", "run", str(straight)], env=env,
@@ -155,9 +161,9 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     while not (run_dir / "checkpoints" / f"step-{target}" / "COMPLETED").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert proc.returncode == 128 + signum, err.decode()
     assert b"resume" in err
     assert not (run_dir / "model").exists()
     stopped_at = max(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*"))
@@ -175,6 +181,12 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     ledgers = [json.loads((tmp_path / "runs" / n / "ledger.json").read_text()) for n in ("straight", "interrupted")]
     events = [[e["event"] for e in ledger["entries"]] for ledger in ledgers]
     assert events[0] == events[1] and events[0][0]["steps"] == 8
+    # The training log shows every step once, as an uninterrupted run's does.
+    logs = [[json.loads(line) for line in (tmp_path / "runs" / n / "logs" / "train.jsonl").read_text().splitlines()]
+            for n in ("straight", "interrupted")]
+    assert [row["step"] for row in logs[1]] == list(range(1, 9))
+    assert [row["loss"] for row in logs[0]] == pytest.approx([row["loss"] for row in logs[1]], rel=1e-6)
+    assert [row["epsilon"] for row in logs[0]] == [row["epsilon"] for row in logs[1]]
 
 
 @pytest.mark.distributed
