@@ -1,178 +1,704 @@
-"""Reports: join finished runs into one markdown table and a few plots.
+"""Reports: join finished runs into one table (markdown, JSON, CSV) and a few plots.
 
     privtune report runs/paper-a-cpu-* --out docs/results/paper_a_cpu
 
-Owns: reading each run's ``config.resolved.yaml`` and ``eval/metrics.json``, the comparison rows, ``report.md``
-and the PNG plots — privacy vs utility with training cost as marker size (one panel per dataset), ROC curves of
-the membership-inference attacks, and canary exposure per run.
+Owns: reading each run's ``config.resolved.yaml``, ``eval/metrics.json`` and (when there) ``logs/train.jsonl``;
+the comparison rows and their order; ``report.md``, ``rows.json``, ``rows.csv`` and the PNG plots — privacy vs
+utility with training time as marker area (one panel per dataset, the base model as a black star), the
+sensitive-token loss attack's ROC (one panel per run, with bootstrap intervals), canary exposure per run against
+its maximum and the base model's, and training curves (loss, ε spent, clipped fraction).
 
-Sensitive: nothing new; reports hold aggregates only.
+Rows: per (model, dataset) group the base model first (``method: "base"``, from the first run of the group that
+scored it; a run with ``train.method: none`` takes its place), then the runs by method (full, lora, dp, dp-lora),
+LoRA rank (ascending), ε (descending: ∞ = no formal guarantee first, then the weakest guarantee) and run name.
+
+ε notation: ``epsilon`` is ``null`` in rows.json (empty in rows.csv) and "∞" in tables when a run has no formal
+guarantee (a non-DP method or a non-private debug run of a DP method); ``guarantee`` says ``"none"`` or ``"dp"``.
+The base model was not trained on the data, so it is (0, 0)-DP with respect to it: ε = 0, ``guarantee: "dp"``.
+"—" in a table means a value that was not measured.
+
+Sensitive: nothing new; reports hold aggregates only. The training curves are statistics of the private training
+batches (not differentially private); the plot says so.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from privtune.fingerprint import stale_reasons
 from privtune.launch.errors import UserError
 
-METHOD_COLORS = {"none": "#777777", "full": "#d62728", "lora": "#1f77b4", "dp": "#2ca02c", "dp-lora": "#9467bd"}
+METHOD_COLORS = {"none": "#777777", "base": "#000000", "full": "#d62728", "lora": "#1f77b4", "dp": "#2ca02c",
+                 "dp-lora": "#9467bd"}
+METHOD_ORDER = ("none", "base", "full", "lora", "dp", "dp-lora")
+DP_METHODS = ("dp", "dp-lora")
+TRAIN_LOG = Path("logs") / "train.jsonl"
+DPI = 120
+
+EPSILON_NOTE = "ε = ∞: no formal privacy guarantee (non-DP method or non-private debug run)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading runs
 
 
 def load_run(run_dir: Path) -> dict:
     metrics_path = run_dir / "eval" / "metrics.json"
     if not metrics_path.exists():
         raise UserError(f"{run_dir} has no eval/metrics.json", "run `privtune run` (or `privtune eval`) on it first")
+    stale = stale_reasons(run_dir, "eval")  # a row must be of the model and data the run dir holds now
+    if stale:
+        raise UserError(f"{run_dir}: its scores are out of date ({'; '.join(stale)})",
+                        f"run `privtune eval {run_dir}` to score it again")
     cfg = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
-    return {"dir": run_dir, "config": cfg, "metrics": json.loads(metrics_path.read_text())}
+    metrics = json.loads(metrics_path.read_text())
+    if cfg["train"]["method"] != "none" and "trained" not in metrics:
+        raise UserError(f"{run_dir}: eval/metrics.json has no scores of its trained model",
+                        f"run `privtune eval {run_dir}` to score it")
+    return {"dir": run_dir, "config": cfg, "metrics": metrics}
 
 
-def row_of(run: dict) -> dict:
+def read_train_log(run_dir: Path) -> list[dict]:
+    """The per-step records of ``RUN/logs/train.jsonl``, sorted by step ([] when the run has none).
+
+    A torn last line (a run killed mid-write) is dropped; a step logged twice keeps its later record. A broken line
+    anywhere else means the file was damaged otherwise and is refused.
+    """
+    path = Path(run_dir) / TRAIN_LOG
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    by_step: dict[int, dict] = {}
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn last line
+            raise UserError(f"{path}: line {i + 1} is not JSON", "delete the damaged line or the file") from None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _exposure_fields(entries: list[dict], cfg: dict) -> tuple[float | None, float | None]:
+    """(largest exposure over the canaries, the largest possible exposure of that canary = log2 |candidates|)."""
+    if not entries:
+        return None, None
+    top = max(entries, key=lambda e: e["exposure"])
+    candidates = top.get("candidates")
+    if not candidates:
+        digits = top.get("secret_digits") or (((cfg.get("data") or {}).get("canaries")) or {}).get("secret_digits")
+        candidates = 10 ** int(digits) if digits else None
+    return top["exposure"], (math.log2(candidates) if candidates else None)
+
+
+def _row(run: dict, label: str) -> dict:
     cfg, m = run["config"], run["metrics"]
-    model = m.get("trained") or m["base"]
+    model = m[label]
     grid, r = model["grid"], model["readings"]
-    guarantee, cost = m.get("guarantee") or {}, m.get("cost") or {}
-    label = "trained" if "trained" in m else "base"
+    method = cfg["train"]["method"]
+    untrained = label == "base" or method == "none"
+    guarantee, cost = (m.get("guarantee") or {}), (m.get("cost") or {})
     mia = (m.get("mia") or {}).get(label, {})
-    exposure = (m.get("exposure") or {}).get(label, [])
+    sens_loss = (mia.get("sensitive") or {}).get("loss") or {}
+    auc_ci = sens_loss.get("auc_ci") or [None, None]
+    exposure, exposure_limit = _exposure_fields((m.get("exposure") or {}).get(label, []), cfg)
     extraction = ((m.get("extraction") or {}).get(label) or {}).get("summary", {})
+    if untrained:  # independent of the data: (0, 0)-DP with respect to it
+        epsilon, delta, kind = 0.0, 0.0, "dp"
+    elif "guarantee" in m:
+        epsilon, delta = guarantee.get("epsilon"), guarantee.get("delta")
+        kind = "dp" if epsilon is not None else "none"
+    else:  # a trained model whose guarantee was not recorded: unknown, not "none"
+        epsilon, delta, kind = None, None, None
+    trained_cost = not untrained
     return {
-        "run": run["dir"].name,
+        "run": run["dir"].name if label == "trained" or method == "none" else None,
+        "base_from": run["dir"].name if label == "base" and method != "none" else None,
         "model": cfg["model"]["name"],
-        "dataset": cfg["data"]["source"],
-        "method": cfg["train"]["method"],
-        "lora_r": cfg["train"]["lora"]["r"] if "lora" in cfg["train"]["method"] else None,
+        "dataset": str(cfg["data"]["source"]),
+        "method": "base" if label == "base" and method != "none" else method,
+        "lora_r": cfg["train"]["lora"]["r"] if "lora" in method and label == "trained" else None,
         "train_sensitive_nll": grid["train_sensitive"]["nll_mean"],
         "train_nonsensitive_nll": grid["train_nonsensitive"]["nll_mean"],
         "test_sensitive_nll": grid["test_sensitive"]["nll_mean"],
         "test_nonsensitive_nll": grid["test_nonsensitive"]["nll_mean"],
-        "memorized": r.get("privacy_gain_over_base"),
+        "memorized": ((0.0 if grid["train_sensitive"]["nll_mean"] is not None else None) if untrained
+                      else r.get("privacy_gain_over_base")),
         "train_test_gap": r["privacy_train_test_gap"],
         "test_ppl": r["utility_test_nonsensitive_ppl"],
-        "mia_auc_sensitive": ((mia.get("sensitive") or {}).get("loss") or {}).get("auc"),
+        "mia_auc_sensitive": sens_loss.get("auc"),
+        "mia_auc_sensitive_low": auc_ci[0],
+        "mia_auc_sensitive_high": auc_ci[1],
         "mia_auc_example": ((mia.get("example") or {}).get("loss") or {}).get("auc"),
-        "exposure": max((e["exposure"] for e in exposure), default=None),
+        "exposure": exposure,
+        "exposure_limit": exposure_limit,
         "extraction_exact": extraction.get("exact"),
-        "epsilon": guarantee.get("epsilon"),
-        "delta": guarantee.get("delta"),
-        "train_seconds": cost.get("wall_seconds"),
-        "tokens_per_second": cost.get("tokens_per_second"),
-        "peak_memory_mb": round(cost["peak_memory_bytes"] / 2**20) if cost.get("peak_memory_bytes") else None,
-        "trainable_parameters": cost.get("trainable_parameters"),
+        "epsilon": epsilon,
+        "delta": delta,
+        "guarantee": kind,
+        "train_seconds": cost.get("wall_seconds") if trained_cost else None,
+        "tokens_per_second": cost.get("tokens_per_second") if trained_cost else None,
+        "peak_memory_mb": (round(cost["peak_memory_bytes"] / 2**20)
+                           if trained_cost and cost.get("peak_memory_bytes") else None),
+        "trainable_parameters": cost.get("trainable_parameters") if trained_cost else None,
     }
 
 
+def row_of(run: dict) -> dict:
+    """The run's row: its trained model (the base model for a ``train.method: none`` run)."""
+    return _row(run, "trained" if "trained" in run["metrics"] else "base")
+
+
+def base_row_of(run: dict) -> dict | None:
+    """The base model's row as scored in ``run`` (``None`` when the run did not score it)."""
+    return _row(run, "base") if "base" in run["metrics"] else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Order and notation
+
+
+def method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def group_key(row: dict) -> tuple[str, str]:
+    """Groups are (model, dataset); they are listed by dataset, then model."""
+    return (row["model"], row["dataset"])
+
+
+def sort_key(row: dict) -> tuple:
+    """Dataset, model, method (none/base, full, lora, dp, dp-lora), LoRA rank, ε descending (∞ first), run."""
+    eps = row.get("epsilon")
+    if eps is None and row.get("method") not in ("base", "none"):
+        eps = math.inf
+    return (row["dataset"], row["model"], method_rank(row["method"]), row.get("lora_r") or 0,
+            -(eps if eps is not None else 0.0), row.get("run") or "")
+
+
+def report_rows(runs: list[dict]) -> list[dict]:
+    """Every run's row in the stable order, each (model, dataset) group led by one base-model row."""
+    rows = sorted((row_of(run) for run in runs), key=sort_key)
+    bases: dict[tuple[str, str], dict] = {}
+    for run in sorted(runs, key=lambda run: sort_key(row_of(run))):
+        base = base_row_of(run)
+        if base is not None:
+            bases.setdefault(group_key(base), base)
+    has_none = {group_key(r) for r in rows if r["method"] == "none"}  # such a run is the group's base row
+    out: list[dict] = []
+    for key in sorted({group_key(r) for r in rows}, key=lambda k: (k[1], k[0])):
+        if key in bases and key not in has_none:
+            out.append(bases[key])
+        out.extend(r for r in rows if group_key(r) == key)
+    return out
+
+
+def epsilon_cell(row: dict) -> str:
+    """The ε of a row as tables show it: "0" (base model), "8.00", "∞" (no formal guarantee), "—" (not recorded)."""
+    if row.get("method") in ("base", "none"):
+        return "0"
+    eps = row.get("epsilon")
+    if eps is not None:
+        return f"{eps:.2f}"
+    if row.get("guarantee", "none") is None:
+        return "—"
+    return "∞"
+
+
+def method_label(row: dict, *, epsilon: bool = True) -> str:
+    """"lora r=16", "dp-lora r=16 ε=8", "dp ε=∞" (a non-private debug run), "base"."""
+    label = row["method"] + (f" r={row['lora_r']}" if row.get("lora_r") else "")
+    if epsilon and row["method"] in DP_METHODS:
+        eps = row.get("epsilon")
+        label += " ε=" + (f"{eps:.3g}" if eps is not None else "∞")
+    return label
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _auc_cell(row: dict) -> str:
+    auc = row.get("mia_auc_sensitive")
+    if auc is None:
+        return "—"
+    lo, hi = row.get("mia_auc_sensitive_low"), row.get("mia_auc_sensitive_high")
+    return f"{auc:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
+
+
 COLUMNS = [
-    ("dataset", "dataset", "{}"), ("method", "method", "{}"), ("lora_r", "r", "{}"),
+    ("run", "run", "{}"), ("model", "model", "{}"), ("dataset", "dataset", "{}"), ("method", "method", "{}"),
+    ("lora_r", "r", "{}"),
     ("train_sensitive_nll", "train sens NLL", "{:.3f}"), ("memorized", "memorized ↓", "{:+.3f}"),
     ("train_test_gap", "test−train sens", "{:+.3f}"), ("test_nonsensitive_nll", "test non-sens NLL", "{:.3f}"),
-    ("mia_auc_sensitive", "MIA AUC (sens)", "{:.3f}"), ("exposure", "exposure", "{:.1f}"),
+    ("mia_auc_sensitive", "MIA AUC sens [95% CI]", _auc_cell), ("exposure", "exposure (bits)", "{:.1f}"),
     ("extraction_exact", "extracted", "{:.1%}"),
-    ("epsilon", "ε", "{:.2f}"), ("train_seconds", "train s", "{:.0f}"), ("peak_memory_mb", "peak MB", "{:,}"),
+    ("epsilon", "ε", epsilon_cell), ("train_seconds", "train s", "{:.0f}"), ("peak_memory_mb", "peak MB", "{:,}"),
     ("trainable_parameters", "trainable", "{:,}"),
 ]
 
 
-def _cell(value, fmt: str) -> str:
+def _cell(row: dict, key: str, fmt) -> str:
+    if callable(fmt):
+        return fmt(row)
+    if key == "run" and row.get("method") == "base":
+        return "base model"
+    value = row.get(key)
     return "—" if value is None else fmt.format(value)
 
 
 def markdown_table(rows: list[dict]) -> str:
     head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(row[key], fmt) for key, _, fmt in COLUMNS) + " |" for row in rows]
+    body = ["| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |" for row in rows]
     return "\n".join([head, rule, *body])
 
 
-def plot_privacy_utility(rows: list[dict], path: Path) -> None:
+def _fields(rows: list[dict]) -> list[str]:
+    fields: list[str] = []
+    for row in rows:
+        fields.extend(k for k in row if k not in fields)
+    return fields
+
+
+def write_rows_csv(rows: list[dict], path: Path) -> None:
+    """The rows as CSV with a header line; ``None`` is an empty cell, floats keep every digit (``repr``)."""
+    fields = _fields(rows)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        for row in rows:
+            writer.writerow(["" if row.get(k) is None else repr(row[k]) if isinstance(row[k], float) else row[k]
+                             for k in fields])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def short_names(names: list[str]) -> tuple[list[str], str]:
+    """Names without the prefix they all share (cut at a '-' or '_'), and that prefix."""
+    if len(names) < 2:
+        return list(names), ""
+    common = names[0]
+    for name in names[1:]:
+        while not name.startswith(common):
+            common = common[:-1]
+    cut = max(common.rfind("-"), common.rfind("_")) + 1
+    prefix = common[:cut]
+    if not prefix or any(len(n) <= len(prefix) for n in names):
+        return list(names), ""
+    return [n[len(prefix):] for n in names], prefix
+
+
+def _overlap(a: tuple, b: tuple) -> float:
+    """Overlap area of two boxes (x0, y0, x1, y1)."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def place_labels(ax, points: list[tuple[float, float]], labels: list[str], radii_pt: list[float], *,
+                 fontsize: float = 8.0) -> list:
+    """Label each point so that no label overlaps another label, a point's marker or the axes' edge, when possible.
+
+    Deterministic greedy placement in display space: for each label in turn, candidate boxes on rings of growing
+    distance around its point (16 directions, upper right first) are scored by overlap with the labels placed so
+    far, with every marker and with the outside of the axes, plus their distance; the cheapest wins. A label that
+    had to move away from its point gets a thin leader line. Call it after the axes' limits and the figure's layout
+    are final (tight_layout), since it works in pixels.
+    """
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    centers = ax.transData.transform(np.asarray(points, dtype=float).reshape(-1, 2))
+    radii = [r * px_per_pt for r in radii_pt]
+    frame = ax.get_window_extent(renderer)
+    pad = 2.0 * px_per_pt
+    markers = [(cx - r, cy - r, cx + r, cy + r) for (cx, cy), r in zip(centers, radii, strict=True)]
+    placed: list[tuple] = []
+    artists = []
+    angles = [math.radians(a) for a in (45, 0, 90, 315, 135, 270, 180, 225, 22.5, 67.5, 337.5, 292.5, 112.5,
+                                        157.5, 202.5, 247.5)]
+    for i, label in enumerate(labels):
+        probe = ax.text(0, 0, label, fontsize=fontsize)
+        ext = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = ext.width + 2 * pad, ext.height + 2 * pad
+        cx, cy = centers[i]
+        best = None
+        for ring, extra in enumerate((2, 8, 16, 28, 44, 64, 90, 120)):
+            d = radii[i] + extra * px_per_pt
+            for k, a in enumerate(angles):
+                bx = cx + math.cos(a) * (d + w / 2)
+                by = cy + math.sin(a) * (d + h / 2)
+                box = (bx - w / 2, by - h / 2, bx + w / 2, by + h / 2)
+                cost = 10.0 * sum(_overlap(box, p) for p in placed)
+                cost += 10.0 * sum(_overlap(box, m) for m in markers)
+                inside = _overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
+                cost += 30.0 * (w * h - inside)
+                cost += extra * px_per_pt + 0.5 * k
+                if best is None or cost < best[0]:
+                    best = (cost, box, ring)
+        _, box, ring = best
+        placed.append(box)
+        tx, ty = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        offset = ((tx - cx) / px_per_pt, (ty - cy) / px_per_pt)
+        arrow = None
+        if ring >= 1:  # moved away from its point: say which point it names
+            arrow = dict(arrowstyle="-", color="0.45", linewidth=0.6, shrinkA=0, shrinkB=radii_pt[i])
+        artists.append(ax.annotate(label, points[i], xytext=offset, textcoords="offset points", ha="center",
+                                   va="center", fontsize=fontsize, arrowprops=arrow, zorder=6))
+    return artists
+
+
+def _padded(lo: float, hi: float, frac: float, min_span: float) -> tuple[float, float]:
+    span = max(hi - lo, min_span)
+    mid = (lo + hi) / 2
+    return mid - span / 2 - frac * span, mid + span / 2 + frac * span
+
+
+def _nice(value: float) -> float:
+    if value <= 0:
+        return value
+    p = 10 ** math.floor(math.log10(value))
+    return round(value / p, 1) * p if value / p < 2 else round(value / p) * p
+
+
+def plot_privacy_utility(rows: list[dict], path: Path) -> None:
+    """One panel per dataset: x = test non-sensitive NLL, y = memorized; colour = method, area = training time."""
+    from matplotlib.lines import Line2D
+
+    plt = _pyplot()
     datasets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.5), squeeze=False)
-    slowest = max((r["train_seconds"] or 0) for r in rows) or 1.0
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        for r in (r for r in rows if r["dataset"] == dataset and r["memorized"] is not None):
-            size = 60 + 600 * (r["train_seconds"] or 0) / slowest
-            label = r["method"] + (f" r={r['lora_r']}" if r["lora_r"] else "")
-            ax.scatter(r["test_nonsensitive_nll"], r["memorized"], s=size, alpha=0.75,
-                       color=METHOD_COLORS.get(r["method"], "black"), edgecolor="black", linewidth=0.5)
-            ax.annotate(label, (r["test_nonsensitive_nll"], r["memorized"]), textcoords="offset points",
-                        xytext=(6, 6), fontsize=8)
-        ax.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_title(dataset)
-        ax.set_xlabel("utility: test non-sensitive NLL (lower is better)")
-        ax.set_ylabel("memorized: base − fine-tuned train-sensitive NLL")
-    fig.suptitle("Privacy vs utility (marker area ∝ training time)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    multi_model = len({r["model"] for r in rows}) > 1
+    ncols = min(len(datasets), 3)
+    nrows = math.ceil(len(datasets) / ncols)
+    legend_in = 2.3
+    width = 5.0 * ncols + legend_in
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 4.4 * nrows + 0.5), squeeze=False, dpi=DPI)
+    times = [r["train_seconds"] for r in rows if r.get("train_seconds") and r["memorized"] is not None
+             and r["test_nonsensitive_nll"] is not None]  # of the points drawn
+    slowest = max(times, default=0.0) or 1.0
+
+    def area(seconds):
+        return 30.0 + 370.0 * (seconds or 0.0) / slowest
+
+    star = 260.0
+    methods_seen: list[str] = []
+    for ax, dataset in zip(axes.flat, datasets, strict=False):
+        points, labels, radii, missing = [], [], [], []
+        for r in rows:
+            if r["dataset"] != dataset or r["test_nonsensitive_nll"] is None:
+                continue
+            x = r["test_nonsensitive_nll"]
+            if r["method"] in ("base", "none"):
+                ax.scatter(x, 0.0, marker="*", s=star, color="black", edgecolor="white", linewidth=0.6, zorder=3)
+                points.append((x, 0.0))
+                labels.append("base" + (f" {r['model']}" if multi_model else ""))
+                radii.append(math.sqrt(star) / 2)
+                continue
+            if r["memorized"] is None:
+                missing.append(r.get("run") or r["method"])
+                continue
+            s = area(r.get("train_seconds"))
+            ax.scatter(x, r["memorized"], s=s, alpha=0.8, color=METHOD_COLORS.get(r["method"], "black"),
+                       edgecolor="black", linewidth=0.5, zorder=4)
+            if r["method"] not in methods_seen:
+                methods_seen.append(r["method"])
+            points.append((x, r["memorized"]))
+            labels.append((f"{r['model']}: " if multi_model else "") + method_label(r))
+            radii.append(math.sqrt(s) / 2)
+        ax.axhline(0.0, color="grey", linewidth=0.8, linestyle=":", zorder=1)
+        if missing:
+            ax.text(0.01, 0.01, "not drawn (no sensitive training tokens scored): " + ", ".join(missing),
+                    transform=ax.transAxes, fontsize=7, color="0.35", ha="left", va="bottom", wrap=True)
+        if points:
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            ax.set_xlim(*_padded(min(xs), max(xs), 0.18, 0.4))
+            ax.set_ylim(*_padded(min(min(ys), 0.0), max(max(ys), 0.0), 0.18, 0.2))
+        ax._privtune_labels = (points, labels, radii)  # placed once the layout is final
+        ax.set_title(dataset, fontsize=10)
+        ax.set_xlabel("utility: test non-sensitive NLL (lower is better)", fontsize=9)
+        ax.set_ylabel("memorized (nats): base − fine-tuned\ntrain-sensitive NLL (lower is better)", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, linewidth=0.3, alpha=0.5)
+    for ax in list(axes.flat)[len(datasets):]:
+        ax.set_visible(False)
+
+    handles = [Line2D([], [], linestyle="", marker="*", markersize=13, color="black", label="base model (not fine-tuned)")]
+    handles += [Line2D([], [], linestyle="", marker="o", markersize=8, color=METHOD_COLORS.get(m, "black"),
+                       markeredgecolor="black", markeredgewidth=0.5, label=m)
+                for m in sorted(methods_seen, key=method_rank)]
+    if times:
+        sizes = sorted({_nice(t) for t in np.linspace(min(times), max(times), 3)})
+        handles.append(Line2D([], [], linestyle="", label=" "))
+        handles += [Line2D([], [], linestyle="", marker="o", markersize=math.sqrt(area(t)), color="0.75",
+                           markeredgecolor="black", markeredgewidth=0.5, label=f"{t:g} s training")
+                    for t in sizes]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0 - legend_in / width, 0.5), fontsize=8,
+               title="colour = method\narea = training time", title_fontsize=8, frameon=False, labelspacing=1.1)
+    fig.suptitle("Privacy vs utility — best is lower left; DP points labelled with their ε", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1.0 - legend_in / width, 1))
+    for ax in axes.flat:
+        if getattr(ax, "_privtune_labels", None) and ax._privtune_labels[0]:
+            place_labels(ax, *ax._privtune_labels)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
 
 
+def _fpr_points(metrics: dict) -> list[tuple[float, float, list | None]]:
+    """(fpr, tpr, [lo, hi] or None) of every ``tpr@<f>`` reading in a roc_metrics dict."""
+    out = []
+    for key, value in metrics.items():
+        if key.startswith("tpr@") and not key.endswith("_ci") and value is not None:
+            out.append((float(key[4:]), float(value), metrics.get(f"{key}_ci")))
+    return sorted(out)
+
+
+def _roc_of(run: dict, label: str) -> tuple[dict, dict] | None:
+    mia = (run["metrics"].get("mia") or {}).get(label) or {}
+    curve, metrics = (mia.get("roc") or {}).get("sensitive/loss"), (mia.get("sensitive") or {}).get("loss")
+    return (curve, metrics) if curve and metrics else None
+
+
 def plot_roc(runs: list[dict], path: Path) -> bool:
-    import matplotlib
+    """Small multiples: each run's sensitive-token loss attack ROC (log-log), with its base model's in grey."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = []
-    for run in runs:
-        mia = (run["metrics"].get("mia") or {}).get("trained") or {}
-        curve, metrics = (mia.get("roc") or {}).get("sensitive/loss"), (mia.get("sensitive") or {}).get("loss")
-        if curve and metrics:
-            curves.append((run["dir"].name, curve, metrics["auc"]))
-    if not curves:
+    plt = _pyplot()
+    runs = sorted(runs, key=lambda run: sort_key(row_of(run)))
+    panels = [(run, roc, _roc_of(run, "base")) for run in runs if (roc := _roc_of(run, "trained"))]
+    if not panels:
         return False
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for name, c, auc in curves:
-        ax.plot(np.maximum(c["fpr"], 1e-3), np.maximum(c["tpr"], 1e-3), label=f"{name} (AUC {auc:.2f})",
-                linewidth=1.2)
-    ax.plot([1e-4, 1], [1e-4, 1], color="grey", linestyle=":")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(1e-3, 1)
-    ax.set_ylim(1e-3, 1)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title("Loss attack on sensitive tokens")
-    ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    names, prefix = short_names([run["dir"].name for run, _, _ in panels])
+    fprs = [f for _, (_, m), _ in panels for f, _, _ in _fpr_points(m)]
+    resolutions = [m.get("fpr_resolution") or 1.0 / max(m.get("nonmembers") or 1, 1) for _, (_, m), _ in panels]
+    floor = min([*fprs, *resolutions, 0.01]) / 2
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 0.3, 2.7 * nrows + 1.1), squeeze=False,
+                             sharex=True, sharey=True, dpi=DPI)
+    for ax, (run, (curve, m), base), name in zip(axes.flat, panels, names, strict=False):
+        method = run["config"]["train"]["method"]
+        color = METHOD_COLORS.get(method, "C0")
+        resolution = m.get("fpr_resolution") or 1.0 / max(m.get("nonmembers") or 1, 1)
+        ax.axvspan(floor, resolution, color="0.92", zorder=0, linewidth=0)
+        ax.plot([floor, 1], [floor, 1], color="0.5", linestyle=":", linewidth=0.8)
+        if base is not None:
+            ax.plot(np.maximum(base[0]["fpr"], floor), np.maximum(base[0]["tpr"], floor), color="0.6",
+                    linewidth=1.0, drawstyle="default")
+        ax.plot(np.maximum(curve["fpr"], floor), np.maximum(curve["tpr"], floor), color=color, linewidth=1.4)
+        for f, tpr, ci in _fpr_points(m):
+            lo, hi = (ci if ci else (tpr, tpr))
+            y = max(tpr, floor)
+            ax.errorbar([f], [y], yerr=[[y - max(lo, floor)], [max(hi, floor) - y]], fmt="o", markersize=3.5,
+                        color=color, ecolor="black", elinewidth=0.9, capsize=2.5, zorder=5)
+        text = f"AUC {m['auc']:.2f}"
+        if m.get("auc_ci"):
+            text += f" [{m['auc_ci'][0]:.2f}, {m['auc_ci'][1]:.2f}]"
+        if base is not None:
+            text += f"\nbase {base[1]['auc']:.2f}"
+        ax.text(0.97, 0.04, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=7.5,
+                bbox=dict(boxstyle="round,pad=0.25", facecolor="white", edgecolor="0.8", linewidth=0.5))
+        ax.set_title(name, fontsize=8.5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(floor, 1)
+        ax.set_ylim(floor, 1.05)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="major", linewidth=0.3, alpha=0.5)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    for col in range(ncols):  # the lowest panel of each column carries the x axis
+        rest = len(panels) % ncols
+        ax = axes[-2, col] if rest and col >= rest else axes[-1, col]
+        ax.set_xlabel("false positive rate", fontsize=8)
+        ax.xaxis.set_tick_params(labelbottom=True)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("true positive rate", fontsize=8)
+    ci = panels[0][1][1].get("ci") or 0.95
+    handles = [Line2D([], [], color="black", linewidth=1.4, label="fine-tuned model (colour = method)"),
+               Line2D([], [], color="0.6", linewidth=1.0, label="its base model"),
+               Line2D([], [], color="0.5", linestyle=":", linewidth=0.8, label="chance"),
+               Line2D([], [], color="black", marker="o", markersize=3.5, linestyle="",
+                      label=f"TPR at FPR {', '.join(f'{f:g}' for f in sorted(set(fprs)))}, {ci:.0%} bootstrap CI"),
+               Patch(color="0.92", label="below the FPR resolution (1 / non-members): reads FPR 0")]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1.0 - 0.45 / fig.get_figheight()),
+               ncol=3 if ncols >= 3 else 1, fontsize=7.5, frameon=False)
+    title = "Loss attack on sensitive tokens: ROC per run" + (f" (runs {prefix}*)" if prefix else "")
+    fig.suptitle(title, fontsize=10)
+    legend_rows = 2 if ncols >= 3 else 5
+    fig.tight_layout(rect=(0, 0, 1, 1.0 - (0.45 + 0.17 * legend_rows) / fig.get_figheight()))
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
 def plot_exposure(rows: list[dict], path: Path) -> bool:
-    import matplotlib
+    """Bars per run (grouped by model and dataset), with each group's maximum and base-model exposure as lines."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r["exposure"] is not None]
-    if not rows:
+    plt = _pyplot()
+    runs = [r for r in rows if r.get("exposure") is not None and r["method"] != "base"]
+    if not runs:
         return False
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["exposure"] for r in rows],
-           color=[METHOD_COLORS.get(r["method"], "black") for r in rows])
-    ax.set_xticks(range(len(rows)), [r["run"] for r in rows], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("canary exposure (bits)")
-    ax.set_title("Canary exposure per run")
+    bases = {group_key(r): r for r in rows if r["method"] == "base" and r.get("exposure") is not None}
+    groups: list[tuple[str, str]] = []
+    for r in runs:
+        if group_key(r) not in groups:
+            groups.append(group_key(r))
+    names, prefix = short_names([r["run"] for r in runs])
+    x, xs, spans = 0.0, [], {}
+    for key in groups:
+        start = x
+        for r in runs:
+            if group_key(r) == key:
+                xs.append(x)
+                x += 1.0
+        spans[key] = (start - 0.45, x - 0.55)
+        x += 0.8  # gap between groups
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(runs) + 1.6 * len(groups) + 2.5), 4.6), dpi=DPI)
+    ax.bar(xs, [r["exposure"] for r in runs], width=0.8,
+           color=[METHOD_COLORS.get(r["method"], "black") for r in runs], edgecolor="black", linewidth=0.4)
+    limits = set()
+    top = max(r["exposure"] for r in runs)
+    for key in groups:
+        lo, hi = spans[key]
+        limit = next((r["exposure_limit"] for r in runs if group_key(r) == key and r.get("exposure_limit")), None)
+        if limit is not None:
+            limits.add(round(limit, 1))
+            ax.hlines(limit, lo, hi, colors="black", linestyles="--", linewidth=1.1, zorder=3)
+            top = max(top, limit)
+        if key in bases:
+            ax.hlines(bases[key]["exposure"], lo, hi, colors="0.35", linestyles=":", linewidth=1.6, zorder=3)
+        label = key[1] if len({g[0] for g in groups}) == 1 else f"{key[0]} / {key[1]}"
+        ax.text((lo + hi) / 2, 1.0, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, top * 1.12 + 0.1)
+    ax.set_xticks(xs, names, rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_xlim(-0.8, xs[-1] + 0.8)
+    ax.set_ylabel("canary exposure (bits)", fontsize=9)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(True, axis="y", linewidth=0.3, alpha=0.5)
+    limit_label = ("max possible = log2 |candidates|"
+                   + (f" ({next(iter(limits)):.1f} bits)" if len(limits) == 1 else " (per group)"))
+    handles = [Line2D([], [], color="black", linestyle="--", linewidth=1.1, label=limit_label)]
+    if bases:
+        handles.append(Line2D([], [], color="0.35", linestyle=":", linewidth=1.6, label="base model (not fine-tuned)"))
+    handles += [Patch(facecolor=METHOD_COLORS.get(m, "black"), edgecolor="black", linewidth=0.4, label=m)
+                for m in sorted({r["method"] for r in runs}, key=method_rank)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.set_title("Canary exposure per run (largest over the canaries)" + (f" — runs {prefix}*" if prefix else ""),
+                 fontsize=10, pad=18)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return True
+
+
+def plot_training_curves(runs: list[dict], path: Path) -> bool:
+    """Loss, ε spent and clipped fraction per optimizer step, from each run's ``logs/train.jsonl``."""
+    plt = _pyplot()
+    runs = sorted(runs, key=lambda run: sort_key(row_of(run)))
+    logs = [(run, log) for run in runs if (log := run.get("train_log", None) or read_train_log(run["dir"]))]
+    if not logs:
+        return False
+    names, prefix = short_names([run["dir"].name for run, _ in logs])
+    styles: dict[str, tuple] = {}  # colour = method, as in the other plots; line style and marker tell its runs apart
+    for run, _ in logs:
+        method = run["config"]["train"]["method"]
+        j = sum(1 for st in styles.values() if st[3] == method)
+        styles[run["dir"].name] = (METHOD_COLORS.get(method, "black"), ("-", "--", ":", "-.")[j % 4],
+                                   "osD^v"[(j // 4) % 5], method)
+
+    def series(log, key):
+        pts = [(e["step"], e[key]) for e in log if isinstance(e.get(key), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    panels = [("loss", "training loss (batch mean)")]
+    if any(series(log, "epsilon")[0] for _, log in logs):
+        panels.append(("epsilon", "ε spent"))
+    if any(series(log, "clipped_fraction")[0] for _, log in logs):
+        panels.append(("clipped_fraction", "clipped fraction of units"))
+    legend_in = 2.6
+    width = 4.3 * len(panels) + legend_in
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.9), squeeze=False, dpi=DPI)
+    handles = {}
+    for ax, (key, ylabel) in zip(axes[0], panels, strict=True):
+        for (run, log), name in zip(logs, names, strict=True):
+            steps, values = series(log, key)
+            if not steps:
+                continue
+            color, linestyle, marker, _ = styles[run["dir"].name]
+            (line,) = ax.plot(steps, values, color=color, linestyle=linestyle, linewidth=1.3,
+                              marker=marker if len(steps) <= 30 else None, markersize=3, label=name)
+            handles.setdefault(name, line)
+        ax.set_xlabel("optimizer step", fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.set_title(ylabel + (" (DP runs)" if key != "loss" else ""), fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, linewidth=0.3, alpha=0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if key == "clipped_fraction":
+            ax.set_ylim(-0.03, 1.03)
+    fig.legend(handles=list(handles.values()), labels=list(handles), loc="center left", fontsize=8, frameon=False,
+               bbox_to_anchor=(1.0 - legend_in / width, 0.5), title=f"run{f' ({prefix}*)' if prefix else ''}",
+               title_fontsize=8)
+    fig.suptitle("Training curves — non-private diagnostics" + (": " if len(panels) > 1 else "\n")
+                 + "statistics of the private training batches, not covered by any run's ε", fontsize=9.5)
+    fig.tight_layout(rect=(0, 0, 1.0 - legend_in / width, 1))
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _notes(rows: list[dict]) -> list[str]:
+    deltas = sorted({r["delta"] for r in rows if r.get("guarantee") == "dp" and r["method"] not in ("base", "none")
+                     and r.get("delta") is not None})
+    notes = [
+        f"- {EPSILON_NOTE}; ε = 0 for the base model, which was not trained on the data; "
+        "— : not measured (or not applicable).",
+    ]
+    if deltas:
+        notes.append(f"- DP rows hold at δ = {', '.join(f'{d:g}' for d in deltas)}.")
+    notes.append("- Rows: per (model, dataset) the base model first, then full, LoRA, DP, DP-LoRA; within a method "
+                 "by LoRA rank (ascending), then by ε from largest (∞ first: weakest guarantee) to smallest.")
+    notes.append("- MIA AUC: loss attack restricted to sensitive tokens, with its bootstrap interval. "
+                 "Exposure: the largest over the run's canaries, at most log2 of its number of candidates.")
+    return notes
 
 
 def write_report(run_dirs: list[Path], out: Path, *, command: str) -> dict:
     runs = [load_run(Path(d)) for d in run_dirs]
     if not runs:
         raise UserError("privtune report needs at least one run dir", "pass run directories, e.g. runs/quickstart-*")
-    rows = [row_of(run) for run in runs]
+    for run in runs:
+        run["train_log"] = read_train_log(run["dir"])
+    rows = report_rows(runs)
     out.mkdir(parents=True, exist_ok=True)
     plot_privacy_utility(rows, out / "privacy_utility.png")
     plots = ["privacy_utility.png"]
@@ -180,15 +706,22 @@ def write_report(run_dirs: list[Path], out: Path, *, command: str) -> dict:
         plots.append("roc.png")
     if plot_exposure(rows, out / "exposure.png"):
         plots.append("exposure.png")
+    if plot_training_curves(runs, out / "training_curves.png"):
+        plots.append("training_curves.png")
     lines = [
         "# privtune report", "",
         f"Made with `{command}`.", "",
-        "Per-token NLL of the fine-tuned model on sensitive (s) and non-sensitive tokens of train and test data. "
+        "Per-token NLL of each model on sensitive (s) and non-sensitive tokens of train and test data. "
         "*memorized* = base-model train-sensitive NLL minus fine-tuned (higher = more memorized); "
         "*test−train sens* = what was learned about the training people beyond the format.", "",
         markdown_table(rows), "",
+        *_notes(rows), "",
         *[f"![{p}]({p})" for p in plots], "",
     ]
+    if "training_curves.png" in plots:
+        lines += ["The training curves are computed from the private training batches and are not differentially "
+                  "private: keep them with the run, not with a released model.", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "rows.json").write_text(json.dumps(rows, indent=2, sort_keys=True, default=str) + "\n")
+    write_rows_csv(rows, out / "rows.csv")
     return {"out": str(out), "rows": rows, "plots": plots}

@@ -91,17 +91,24 @@ def base_grids(results: list[tuple[RunConfig, dict]]) -> dict[tuple[str, str], d
 
 
 def render_comparison(title: str, rows: list[dict], base: dict[tuple[str, str], dict]):
-    """Rows grouped by (model, dataset), each group led by its base model; the group is named when there are several."""
+    """Rows grouped by (model, dataset), each group led by its base model; the group is named when there are several.
+
+    Order and ε notation are the report's (``privtune.eval.report``): groups by dataset, then model; in a group
+    full, lora, dp, dp-lora, then LoRA rank, then ε descending; ε "∞" = no formal guarantee, "0" = the base model.
+    """
     from rich.table import Table
+
+    from privtune.eval.report import EPSILON_NOTE, epsilon_cell, sort_key
 
     def f(x, fmt="{:.3f}"):
         return "—" if x is None else fmt.format(x)
 
     groups: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
+    for row in sorted(rows, key=sort_key):
         groups.setdefault((row["model"], row["dataset"]), []).append(row)
+    groups = dict(sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])))
     named = len(groups) > 1
-    table = Table(title=title)
+    table = Table(title=title, caption=EPSILON_NOTE)
     for col, justify in [*([("model / data", "left")] if named else []), ("method", "left"), ("train sens", "right"),
                          ("train non-s", "right"), ("test sens", "right"), ("test non-s", "right"),
                          ("memorized (base−train sens)", "right"), ("ε", "right"), ("train s", "right"),
@@ -112,14 +119,14 @@ def render_comparison(title: str, rows: list[dict], base: dict[tuple[str, str], 
         if key in base:
             table.add_row(*lead, "base model", *(f(base[key][c]["nll_mean"]) for c in
                           ("train_sensitive", "train_nonsensitive", "test_sensitive", "test_nonsensitive")),
-                          "0.000", "—", "—", "—", "—", "—")
+                          "0.000", "0", "—", "—", "—", "—")
             lead = [""] if named else []
         for row in members:
             label = row["method"] + (f" r={row['lora_r']}" if row["lora_r"] else "")
             table.add_row(*lead, label, f(row["train_sensitive_nll"]), f(row["train_nonsensitive_nll"]),
                           f(row["test_sensitive_nll"]), f(row["test_nonsensitive_nll"]),
                           f(row["memorized"], "{:+.3f}"),
-                          f(row["epsilon"], "{:.2f}") if row["method"] in ("dp", "dp-lora") else "∞",
+                          epsilon_cell(row),
                           f(row["train_seconds"], "{:.0f}"), f(row["tokens_per_second"], "{:.0f}"),
                           f(row["peak_memory_mb"], "{:,}"), f(row["trainable_parameters"], "{:,}"))
             lead = [""] if named else []
