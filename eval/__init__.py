@@ -8,7 +8,8 @@
 - ``extraction``  greedy extraction of sensitive spans from their training prefixes
 - ``measures``    runs mia / exposure / extraction inside the stage
 - ``stage``       the stage itself: which models, sharding across processes, eval/metrics.json
-- ``report``      report.md and plots across runs
+- ``report``      the rows across runs: report.md, rows.json, rows.csv; refuses scores older than their model
+- ``plots``       the report's plots: privacy vs utility, ROC per run, exposure, training curves
 
 Sensitive: per-example scores and extraction continuations come from private text and stay in the run dir;
 metrics and reports hold aggregates only.

@@ -1,6 +1,7 @@
 """privtune: fine-tune language models on private data, account for privacy, measure memorization.
 
-The distribution maps each top-level folder of the repository to one subpackage:
+The core lives here: ``fingerprint`` (content digests and the stage records every stage folder holds). The
+distribution maps each other top-level folder of the repository to one subpackage:
 
 - ``privtune.launch``     CLI, typed config, run directories and stages
 - ``privtune.corpora``    datasets with gold sensitive spans, tokenization with per-token sensitive masks

@@ -7,6 +7,8 @@
 - ``recipe``      one training loop for full | lora | dp | dp-lora: setup / train / save_checkpoint / cleanup
 - ``checkpoint``  resumable checkpoints (weights or adapter, optimizer, RNG of every rank, ledger state)
 - ``output``      the released model dir with its model card, and the cost record
+- ``model_ids``   hub ids for released outputs, digests of a model's files (stage records key on them)
+- ``train_log``   per-step training curves (JSONL, TensorBoard)
 - ``dp/``         per-unit clipping with one backward, Poisson sampling, noise (privacy-critical)
 
 Privacy unit: one example, or one user (``privacy.unit: group``). Sensitive: the training data and which units

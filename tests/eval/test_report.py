@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
-from privtune.eval.report import load_run, place_labels, read_train_log, row_of, write_report
+from privtune.eval.plots import place_labels
+from privtune.eval.report import load_run, read_train_log, row_of, write_report
 from privtune.eval.stats import roc_curve, roc_metrics
 from privtune.launch.errors import UserError
 
