@@ -102,7 +102,7 @@ def _check_epsilon(epsilon: Any) -> float:
 def _merge_key(event: Event) -> tuple[Any, ...] | None:
     """Events with the same key compose by adding their step/count; None = never merged."""
     if isinstance(event, PoissonGaussianEvent):
-        return (event.type, event.sample_rate, event.noise_multiplier)
+        return (event.type, event.sample_rate, event.noise_multiplier, event.randomness)
     if isinstance(event, GaussianEvent):
         return (event.type, event.noise_multiplier, event.sensitivity)
     return None

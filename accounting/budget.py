@@ -147,6 +147,7 @@ def compose_ledgers(
     *,
     delta: float,
     accountants: Sequence[str] = ("pld", "rdp"),
+    allow_reproducible: bool = False,  # privacy: compose runs whose noise a public seed reproduces (not a release)
 ) -> dict[str, Any]:
     """Compose every event of every ledger; ε at ``delta`` per accountant (the first one is the headline).
 
@@ -195,6 +196,7 @@ def compose_ledgers(
         )
 
     events: list[dict[str, Any]] = []
+    reproducible: list[str] = []
     for ledger, where, _ in loaded:
         for entry in ledger.entries:
             if isinstance(entry.event, NonPrivateEvent):
@@ -206,6 +208,15 @@ def compose_ledgers(
             if isinstance(entry.event, ShuffledGaussianEvent):
                 problem, fix = SHUFFLE_REFUSAL
                 raise UserError(f"{where} entry {entry.seq} ({entry.stage!r}): {problem}", fix)
+            if getattr(entry.event, "randomness", "secret") == "reproducible":
+                if not allow_reproducible:
+                    raise UserError(
+                        f"{where} entry {entry.seq} ({entry.stage!r}) drew its sample and noise from a public seed "
+                        "(privacy.reproducible): anyone with its config can recompute them, so its ε is not a guarantee",
+                        "retrain without privacy.reproducible for a release, or pass --allow-reproducible to see the "
+                        "number anyway",
+                    )
+                reproducible.append(f"{where} entry {entry.seq}")
             events.append(
                 {
                     "ledger": where,
@@ -231,6 +242,11 @@ def compose_ledgers(
         warnings.append(
             f"δ={delta:g} is not below 1/N = {1.0 / dataset_size:.3g} (N={dataset_size}): a mechanism that publishes "
             "one random record outright satisfies (0, 1/N)-DP, so δ should be far smaller than 1/N (e.g. ≤ 0.1/N)"
+        )
+    if reproducible:
+        warnings.append(
+            f"NOT A GUARANTEE: {', '.join(reproducible)} drew the sample and the noise from a public seed; the ε below "
+            "holds only against someone who does not know the run's config"
         )
     open_runs = [e for e in events if e["status"] == "open"]
     if open_runs:

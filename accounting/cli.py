@@ -69,9 +69,9 @@ def _error_text(report: dict[str, Any]) -> str:
     return str(report.get("bound", ""))
 
 
-def budget_command(paths: list[str], *, delta: float, as_json: bool) -> int:
+def budget_command(paths: list[str], *, delta: float, as_json: bool, allow_reproducible: bool = False) -> int:
     """Compose the ledgers at ``paths`` (run dirs or ledger files) and print ε at ``delta``. Returns 0."""
-    result = compose_ledgers(paths, delta=delta)
+    result = compose_ledgers(paths, delta=delta, allow_reproducible=allow_reproducible)
     _warn(result["warnings"])
     if as_json:
         print(json.dumps(result, indent=2))

@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 
+RANDOMNESS = ("secret", "reproducible")
+
+
 def _check_real(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{name} must be a number, got {value!r}", f"pass {name} as a float")
@@ -123,8 +126,14 @@ class PoissonGaussianEvent(Event):
     noise_multiplier: float
     steps: int
     sampler: str = "poisson"
+    # "secret": the sample and the noise came from a secret key; "reproducible": from a public seed, so the
+    # accountant's bound does not hold for anyone who has the seed (privtune budget refuses it by default).
+    randomness: str = "secret"
 
     def __post_init__(self) -> None:
+        if self.randomness not in RANDOMNESS:
+            raise UserError(f"a PoissonGaussianEvent was built with randomness {self.randomness!r}",
+                            f"use one of {', '.join(RANDOMNESS)}")
         if self.sampler != "poisson":
             raise UserError(
                 f"a PoissonGaussianEvent was built for sampler {self.sampler!r}",

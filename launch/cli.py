@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget = sub.add_parser("budget", help="compose privacy ledgers, or `budget calibrate` a noise multiplier")
     budget.add_argument("paths", nargs="+", help="run dirs or ledger.json files (or the word calibrate)")
     budget.add_argument("--delta", type=float, help="δ of the composed guarantee")
+    budget.add_argument("--allow-reproducible", action="store_true",
+                        help="also compose runs whose sample and noise a public seed reproduces (privacy.reproducible): "
+                             "the number printed is then not a guarantee")
     budget.add_argument("--json", action="store_true")
     for name, what in PLANNED.items():
         p = sub.add_parser(name, help=f"{what} (not implemented yet)")
@@ -235,7 +238,8 @@ def cmd_budget(args) -> int:
         raise UserError("privtune budget needs --delta", "add e.g. --delta 1e-6")
     from privtune.accounting.cli import budget_command
 
-    return budget_command(args.paths, delta=args.delta, as_json=args.json)
+    return budget_command(args.paths, delta=args.delta, as_json=args.json,
+                          allow_reproducible=args.allow_reproducible)
 
 
 def main(argv: list[str] | None = None) -> int:

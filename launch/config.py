@@ -79,6 +79,11 @@ class PrivacyConfig(_Strict):
     clipping: Literal["flat", "per_layer"] = "flat"
     sampler: Literal["poisson"] = "poisson"
     accountant: Literal["pld", "rdp"] = "pld"
+    # By default the Poisson sample and the noise come from a 128-bit key drawn from the OS CSPRNG and kept only in
+    # the run's checkpoints. reproducible: derive both from `seed` instead (tests, experiments): anyone with the
+    # config can then recompute the batches and subtract the noise, so such a run is never a release.
+    reproducible: bool = False
+    # Every noise value from OS randomness (slow; hardens the noise generator itself, not reproducible).
     secure_rng: bool = False
     # σ = 0 under a DP method is refused unless this is set; then no ε is claimed anywhere.
     non_private_debug: bool = False
@@ -87,6 +92,8 @@ class PrivacyConfig(_Strict):
     def _one_noise_source(self) -> PrivacyConfig:
         if self.target_epsilon is not None and self.noise_multiplier is not None:
             raise ValueError("set either target_epsilon or noise_multiplier, not both")
+        if self.reproducible and self.secure_rng:
+            raise ValueError("reproducible and secure_rng exclude each other (OS randomness cannot be replayed)")
         return self
 
 

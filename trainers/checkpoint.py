@@ -6,7 +6,9 @@ Poisson sampler is counter-based), and the accountant/ledger state as of step N.
 ``COMPLETED`` marker; it is written to a temporary folder and renamed, so a kill at any moment leaves either the
 previous checkpoint or the new one, never half of one.
 
-Sensitive: the ledger state saved here is what makes a resumed run count every optimizer step exactly once.
+Sensitive: the ledger state saved here is what makes a resumed run count every optimizer step exactly once; the
+secret randomness key of a DP run (``secret`` in ``state.pt``) is what keeps its sample and noise unpredictable,
+and is written nowhere else.
 """
 
 from __future__ import annotations
@@ -53,14 +55,16 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, extra: dict, rank_rng: list[dict]) -> Path:
-    """Write ``checkpoints/step-{step}`` atomically; ``extra`` holds JSON-able state (accountant, ledger, counters)."""
+def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, extra: dict, rank_rng: list[dict],
+                    secret: dict | None = None) -> Path:
+    """Write ``checkpoints/step-{step}`` atomically; ``extra`` holds JSON-able state (accountant, ledger, counters),
+    ``secret`` what must never leave the checkpoint (the DP run's randomness key), stored in ``state.pt`` only."""
     final = run_dir / "checkpoints" / f"step-{step}"
     with staged_dir(final) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": rank_rng}, tmp / "state.pt")
+                    "rng": rank_rng, "secret": secret or {}}, tmp / "state.pt")
         (tmp / "extra.json").write_text(json.dumps({"step": step, **extra}, indent=2, sort_keys=True))
         (tmp / MARKER).write_text(f"{step}\n")
     return final
@@ -90,6 +94,11 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> tuple[dict, l
         scheduler.load_state_dict(state["scheduler"])
     extra = json.loads((path / "extra.json").read_text())
     return extra, state["rng"]
+
+
+def load_secret(path: Path) -> dict:
+    """The secret part of a checkpoint (``save_checkpoint(secret=...)``): {} when it has none."""
+    return torch.load(path / "state.pt", weights_only=False).get("secret", {})
 
 
 def prune_checkpoints(run_dir: Path, keep: int = 2) -> None:

@@ -31,10 +31,23 @@ class DPPlan:
     clipping: str
     accountant: str
     sampler: str = "poisson"
+    randomness: str = "secret"  # "reproducible": sample and noise follow from the public seed (never a release)
+    secure_rng: bool = False  # every noise value from OS randomness
 
     @property
     def formal(self) -> bool:
         return self.epsilon is not None
+
+    @property
+    def reproducible(self) -> bool:
+        return self.randomness == "reproducible"
+
+    def randomness_line(self) -> str:
+        if self.reproducible:
+            return ("REPRODUCIBLE from the public seed (privacy.reproducible): anyone with the config can recompute "
+                    "the sample and the noise; NOT A RELEASE")
+        noise = "noise from OS randomness per value" if self.secure_rng else "noise keyed by it"
+        return f"secret 128-bit key from the OS CSPRNG for the sample ({noise}); kept only in checkpoints/"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,9 +61,11 @@ class DPPlan:
             f"  steps             T = {self.steps}",
             f"  clipping          {self.clipping}, C = {self.clip_norm:g}, over {trainable_params:,} trainable parameters",
             f"  noise             σ = {self.noise_multiplier:.6g}  (std σ·C = {self.noise_multiplier * self.clip_norm:.6g} on the clipped sum)",
-            f"  guarantee         ε = {eps} at δ = {self.delta:.3g}  ({self.accountant.upper()} accountant)",
+            f"  randomness        {self.randomness_line()}",
+            f"  guarantee         ε = {eps} at δ = {self.delta:.3g}  ({self.accountant.upper()} accountant)"
+            + ("  — holds only while the seed is secret" if self.reproducible and self.formal else ""),
             "  rests on          every trainable parameter clipped per unit; noise added once per step;",
-            "                    accountant steps = optimizer steps; the batch sample kept secret",
+            "                    accountant steps = optimizer steps; the batch sample and the noise kept secret",
         ])
 
 
@@ -104,7 +119,8 @@ def resolve_plan(cfg: RunConfig, num_units: int) -> DPPlan:
     delta = privacy.delta if privacy.delta is not None else default_delta(num_units)
     common = dict(sample_rate=q, clip_norm=privacy.clip_norm, steps=steps, delta=delta, num_units=num_units,
                   expected_batch_size=q * num_units, unit=privacy.unit, clipping=privacy.clipping,
-                  accountant=privacy.accountant)
+                  accountant=privacy.accountant, randomness="reproducible" if privacy.reproducible else "secret",
+                  secure_rng=privacy.secure_rng)
     if privacy.target_epsilon is not None:
         sigma = calibrate_noise(target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q, steps=steps,
                                 accountant=privacy.accountant)

@@ -34,6 +34,7 @@ from privtune.trainers.batches import ShuffledBatches, collate
 from privtune.trainers.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    load_secret,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
@@ -76,8 +77,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class FineTuneRecipe:
-    def __init__(self, cfg: RunConfig, run_dir: Path, *, train_key: str | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, train_key: str | None = None,
+                 replay_key: int | None = None):
         self.cfg, self.run_dir = cfg, run_dir
+        self.replay_key = replay_key  # tests only: replay a run's secret key instead of drawing a fresh one
         self.train_key = train_key  # digest of what this training reads; checkpoints carry it (stages.plan_run)
         self.is_dp = cfg.is_dp
         self.stop_signal: int | None = None
@@ -147,14 +150,37 @@ class FineTuneRecipe:
         num_units = len(unit_rows) if unit_rows is not None else len(data)
         self.plan = resolve_plan(cfg, num_units)
         self.total_steps = self.plan.steps
+        self.randomness_key = self._randomness_key()
         self.engine = DPEngine(self.model, trainable=self.trainable, clip_norm=self.plan.clip_norm,
                                clipping=self.plan.clipping)
         self.sampler = PoissonBatchSampler(num_units, sample_rate=self.plan.sample_rate, steps=self.plan.steps,
-                                           seed=cfg.seed, micro_batch_size=cfg.performance.micro_batch_size,
+                                           seed=self.randomness_key, micro_batch_size=cfg.performance.micro_batch_size,
                                            unit_rows=unit_rows, world_size=self.world, rank=self.rank)
         self.ledger = self._open_ledger(unit=cfg.privacy.unit, num_units=num_units)
         if self.rank == 0:
             info(self.plan.describe(self.num_trainable))
+
+    def _randomness_key(self) -> int:
+        """What the Poisson sample and the noise are drawn from: a 128-bit secret from the OS CSPRNG (rank 0 draws
+        it, every rank receives it over the process group; a resumed run takes it from its checkpoint), or the
+        public seed under privacy.reproducible."""
+        from privtune.trainers.dp import secret_seed
+
+        if self.plan.reproducible:
+            return self.cfg.seed
+        if self.replay_key is not None:
+            return self.replay_key
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None:
+            key = load_secret(ckpt).get("randomness_key")
+            if key is None:
+                raise UserError(f"checkpoint {ckpt} holds no randomness key, so its run cannot continue in secret",
+                                "delete the run dir's checkpoints/ to start over")
+            return key
+        box = [secret_seed() if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)  # the same sample and noise on every rank
+        return box[0]
 
     def _open_ledger(self, *, unit: str, num_units: int):
         from privtune.accounting.ledger import Ledger
@@ -315,7 +341,7 @@ class FineTuneRecipe:
             for tensor in clipped.values():
                 dist.all_reduce(tensor)
         if self.rank == 0:
-            source = noise_source(seed=self.cfg.seed, step=self.step, rank=0, secure=self.cfg.privacy.secure_rng)
+            source = noise_source(seed=self.randomness_key, step=self.step, rank=0, secure=self.plan.secure_rng)
             # privacy-critical: noise std σ·C, added once per logical step to the sum over all ranks
             clipped = add_noise(clipped, noise_multiplier=self.plan.noise_multiplier, clip_norm=self.plan.clip_norm,
                                 generator=source)
@@ -336,7 +362,7 @@ class FineTuneRecipe:
         from privtune.accounting.events import PoissonGaussianEvent
 
         return PoissonGaussianEvent(sample_rate=self.plan.sample_rate, noise_multiplier=self.plan.noise_multiplier,
-                                    steps=steps)
+                                    steps=steps, randomness=self.plan.randomness)
 
     # ---------------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -348,8 +374,9 @@ class FineTuneRecipe:
         if self.rank == 0:
             extra = {"ledger": self.ledger.state_dict() if self.ledger is not None else None,
                      "train_key": self.train_key}
+            secret = {"randomness_key": self.randomness_key} if self.is_dp and not self.plan.reproducible else None
             save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                            scheduler=self.scheduler, extra=extra, rank_rng=rngs)
+                            scheduler=self.scheduler, extra=extra, rank_rng=rngs, secret=secret)
             prune_checkpoints(self.run_dir)
         self.last_checkpoint = self.step
         if self.world > 1:
@@ -361,9 +388,12 @@ class FineTuneRecipe:
         if not self.plan.formal:
             return Guarantee(None, self.plan.delta, None, self.plan.unit,
                              "Non-private debug run of a DP method: no ε is claimed.")
-        return Guarantee(self.plan.epsilon, self.plan.delta, self.plan.accountant, self.plan.unit,
-                         f"DP-SGD with Poisson sampling q={self.plan.sample_rate:.6g}, σ={self.plan.noise_multiplier:.6g}, "
-                         f"C={self.plan.clip_norm:g}, T={self.plan.steps}.")
+        note = (f"DP-SGD with Poisson sampling q={self.plan.sample_rate:.6g}, σ={self.plan.noise_multiplier:.6g}, "
+                f"C={self.plan.clip_norm:g}, T={self.plan.steps}.")
+        if self.plan.reproducible:
+            note += (" NOT A RELEASE: the sample and the noise are reproducible from the public seed "
+                     "(privacy.reproducible), so this ε holds only against someone without the run's config.")
+        return Guarantee(self.plan.epsilon, self.plan.delta, self.plan.accountant, self.plan.unit, note)
 
     def save_model(self, out: Path, stats: dict) -> None:
         """Write model/ and efficiency.json into ``out`` (rank 0)."""

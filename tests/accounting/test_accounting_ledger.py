@@ -52,6 +52,7 @@ def test_create_load_roundtrip_and_format(tmp_path):
         "noise_multiplier": SIGMA,
         "steps": 5,
         "sampler": "poisson",
+        "randomness": "secret",
     }
     again = Ledger.load(tmp_path)  # a run dir works as well as the file
     assert again.state_dict() == ledger.state_dict()

@@ -26,7 +26,8 @@ BASE = {
     "model": {"name": "tiny-llama"},
     "data": {"source": "customersim", "num_examples": 24, "max_length": 48, "canaries": {"count": 1, "repetitions": 2}},
     "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2},
-    "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0},
+    # reproducible: these tests compare separate runs, so their sample and noise must follow from the seed
+    "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "reproducible": True},
     "performance": {"micro_batch_size": 2},
     "eval": {"max_examples": 4},
 }

@@ -8,11 +8,13 @@ adversary could predict it. After ``add_noise`` the result is a DP release for t
 
 Sources (``noise_source(*, seed, step, rank, secure)``):
 
-- ``secure=False`` — reproducible, counter-based: a ``torch.Generator`` on the tensors' device seeded with a
-  64-bit key derived by ``numpy.random.SeedSequence`` from (seed, step, rank), so step k's noise does not depend
-  on how many steps ran before it (resume reproduces it) and ranks draw independent streams. torch's CPU
-  generator is a Mersenne Twister (CUDA: Philox): statistically fine, NOT cryptographically secure, and anyone
-  who knows the seed knows the noise. Use it for experiments and tests, never for a real release.
+- ``secure=False`` — counter-based: a ``torch.Generator`` on the tensors' device seeded with a 64-bit key derived
+  by ``numpy.random.SeedSequence`` from (seed, step, rank), so step k's noise does not depend on how many steps
+  ran before it (resume reproduces it) and ranks draw independent streams. torch's CPU generator is a Mersenne
+  Twister (CUDA: Philox): statistically fine, not cryptographically secure. The training recipe passes the run's
+  128-bit secret key as ``seed`` (drawn from the OS CSPRNG, kept only in checkpoints), so the noise is secret
+  while the key is; with ``privacy.reproducible`` it passes the public config seed, and anyone who knows it knows
+  the noise (tests and experiments, never a release).
 - ``secure=True`` — for real releases: every noise value is computed from bytes of the operating system's
   CSPRNG (``os.urandom``; on Linux ``getrandom``, ChaCha20) by the Box-Muller transform in float64 on the CPU,
   then cast to the parameter's dtype and moved to its device. Not reproducible by design. What it rests on: the

@@ -16,8 +16,9 @@ communication.
 
 Randomness: step k's sample is drawn by PCG64DXSM seeded through ``numpy.random.SeedSequence`` from
 (seed, k), independent of the steps before it, so resuming at step k reproduces steps >= k exactly. The
-sample must stay secret for the amplification to hold: for a real release use a secret seed drawn from the OS
-CSPRNG (``secret_seed()``), keep it only inside the run directory's checkpoints, and never log it.
+sample must stay secret for the amplification to hold: the training recipe seeds it with a 128-bit key from the
+OS CSPRNG (``secret_seed()``), kept only inside the run directory's checkpoints and never logged (the public
+config seed only under ``privacy.reproducible``, which the plan, ledger and card then call "not a release").
 PCG64DXSM is a statistical generator, not a cryptographic one; the secrecy rests on the 128-bit seed.
 
 Sensitive: which units are in a batch (inclusion is what the DP guarantee hides).
