@@ -117,6 +117,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     loss_on: Literal["all", "response"] = "all"
     checkpoint_every: int | None = Field(None, ge=1)
+    # DP methods: recompute one or two sampled units' clipped gradients with plain autograd on the first step and
+    # every N steps, and stop on a mismatch (trainers/dp/selfcheck.py). null turns it off.
+    self_check_every: int | None = Field(100, ge=1)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 

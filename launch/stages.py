@@ -40,7 +40,8 @@ KEYED = {
 }
 FREE = {
     "data": (),
-    "model": ("train.checkpoint_every", "performance.micro_batch_size", "performance.num_threads"),
+    "model": ("train.checkpoint_every", "train.self_check_every", "performance.micro_batch_size",
+              "performance.num_threads"),
     "eval": ("eval.batch_size", "eval.exposure_batch_size", "performance.num_threads"),
 }
 

@@ -225,7 +225,7 @@ class FineTuneRecipe:
     # ---------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
         started, tokens = time.perf_counter(), 0
-        first_step = self.step
+        first_step = self.first_step = self.step
         every = self.cfg.train.checkpoint_every
         with PeakMemory(self.device) as memory, \
                 progress(total=self.total_steps - first_step, desc=f"train {self.cfg.train.method}", unit="steps") as bar:
@@ -325,9 +325,12 @@ class FineTuneRecipe:
 
         batch = self.sampler.batch(self.step)
         stats = StepStats()
+        every = self.cfg.train.self_check_every
+        if every is not None and (self.step == self.first_step or self.step % every == 0):
+            self._self_check(batch)
         for micro in (m.without_padding() for m in batch.micro_batches):
             inputs = self._inputs(micro.rows.tolist())
-            with self.engine.micro_batch(micro.unit_ids.to(self.device)):
+            with self.engine.micro_batch(micro.unit_ids.to(self.device), sequence_length=inputs.input_ids.shape[1]):
                 with self.autocast:
                     logits = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
                 losses = per_example_loss(logits.float(), inputs.labels)
@@ -350,6 +353,21 @@ class FineTuneRecipe:
                 dist.broadcast(tensor, src=0)
         self.engine.set_grads(normalize(clipped, expected_batch_size=self.plan.expected_batch_size))
         return stats
+
+    def _self_check(self, batch) -> None:
+        """Plain autograd against the engine on two units of this rank's first non-empty micro-batch."""
+        from privtune.trainers.dp.selfcheck import pick_units, self_check
+
+        micro = next((m for m in batch.micro_batches if m.num_real_rows), None)
+        if micro is None:
+            return
+        units = pick_units(micro.unit_ids, micro.rows, count=2, generator=torch.Generator().manual_seed(self.step))
+
+        def inputs(rows: list[int]):
+            x = self._inputs(rows)
+            return x.input_ids, x.attention_mask, x.labels
+
+        self_check(self.engine, inputs, units)
 
     def _count_step(self) -> None:
         """The ledger counts optimizer steps, one per logical step, never micro-batches."""

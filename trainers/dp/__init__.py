@@ -10,6 +10,7 @@ Owns the privacy-critical path of DP fine-tuning, one small module per job:
   per-unit gradient; the hooks that save activations and output gradients; refusals.
 - ``inner``     — squared norms, cross terms of tied parameters, clipped sums (ghost or instantiated).
 - ``engine``    — ``DPEngine``: the micro-batch protocol, clip factors (flat or per-layer), fp32 accumulation.
+- ``selfcheck`` — ``self_check``: a few sampled units recomputed with plain autograd against the engine.
 - ``noise``     — ``add_noise`` (sigma * C, once per logical step; reproducible or OS-CSPRNG source) and
   ``normalize`` (by the expected batch size q * N).
 

@@ -91,7 +91,7 @@ class DPEngine:
         if isinstance(clip_norm, bool) or not (
             isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0
         ):
-            raise DPRefusal(f"clip_norm must be a finite number > 0, got {clip_norm!r}", "set dp.clip_norm")
+            raise DPRefusal(f"clip_norm must be a finite number > 0, got {clip_norm!r}", "set privacy.clip_norm")
         if clipping not in CLIPPINGS:
             raise DPRefusal(f"unknown clipping '{clipping}'", f"choose one of {', '.join(CLIPPINGS)}")
         if linear_strategy not in LINEAR_STRATEGIES:
@@ -160,8 +160,12 @@ class DPEngine:
 
     # ------------------------------------------------------------------------------------------------------
     @contextmanager
-    def micro_batch(self, unit_ids: torch.Tensor) -> Iterator[DPEngine]:
-        """Hooks installed and trainable ``requires_grad`` off for one forward + ``backward``; restored on exit."""
+    def micro_batch(self, unit_ids: torch.Tensor, *, sequence_length: int | None = None) -> Iterator[DPEngine]:
+        """Hooks installed and trainable ``requires_grad`` off for one forward + ``backward``; restored on exit.
+
+        ``sequence_length``: the micro-batch's token width; when given, every hooked linear layer must see
+        (rows, sequence, ...) inputs, not only ``shape[0] == rows``.
+        """
         if self._active:
             raise DPInvariantError("micro_batch contexts cannot be nested", "finish one micro-batch first")
         layout = UnitLayout(unit_ids)
@@ -181,7 +185,7 @@ class DPEngine:
         try:
             for p, _ in saved_flags:
                 p.requires_grad_(False)
-            self._recorder.begin(layout.num_rows)
+            self._recorder.begin(layout.num_rows, sequence_length)
             handles = [rule.install() for rule in self._rules]
             yield self
         except BaseException:

@@ -86,11 +86,13 @@ class Recorder:
         self.active = False
         self.suspended = False  # True while a GenericRule re-runs a module's forward
         self.num_rows = -1
+        self.sequence_length: int | None = None
         self.captures: list[Capture] = []
         self.anchors: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
-    def begin(self, num_rows: int) -> None:
+    def begin(self, num_rows: int, sequence_length: int | None = None) -> None:
         self.active, self.suspended, self.num_rows = True, False, num_rows
+        self.sequence_length = sequence_length
         self.captures, self.anchors = [], {}
 
     def clear(self) -> None:
@@ -180,14 +182,24 @@ class LinearRule(Rule):
         super().__init__(name, module, params, recorder)
         # LoRA factors: per-sample gradients are tiny (r x d), instantiating them is always the cheap choice.
         self.force_instantiate = any(part in _LORA_PARTS for part in name.split("."))
-        self.verified = type(module) is nn.Linear
+        # A plain nn.Linear is x @ W.T + b by construction, unless its forward was replaced on the instance.
+        self.verified = type(module) is nn.Linear and "forward" not in vars(module)
 
     def _hook(self, module, args, kwargs, output):
         if not self.recorder.recording():
             return None
         x = self._single_input(args, kwargs)
         output = self._output(output)
-        if not self.verified:  # a subclass of nn.Linear: check that its forward is the plain affine map
+        seq = self.recorder.sequence_length
+        if seq is not None and x.dim() >= 3 and x.shape[1] != seq:
+            # shape[0] == rows alone would pass a sequence-first (T, B, d) input with T == B: positions would be
+            # clipped as if they were units, and one example could move the sum by far more than C.
+            raise DPRefusal(
+                f"{self.describe()} received an input of shape {tuple(x.shape)} whose leading dims are not the "
+                f"micro-batch's (rows, sequence) = ({self.recorder.num_rows}, {seq})",
+                "the DP engine needs (batch, sequence, ...) inputs in every layer with trainable parameters",
+            )
+        if not self.verified:  # a subclass of nn.Linear (or a patched forward): check it is the plain affine map
             with torch.no_grad():
                 expected = F.linear(x, module.weight, module.bias)
             if expected.shape != output.shape or not torch.allclose(output, expected.to(output.dtype),
