@@ -93,6 +93,8 @@ class StageRecord:
 
     def differences(self, other: StageRecord) -> list[str]:
         """Human-readable reasons why ``other`` (what the command wants) does not match this record."""
+        if "legacy" in self.inputs:
+            return [f"its {self.stage}/ was written by an older privtune that did not record what it read"]
         reasons = []
         for key in sorted(set(self.config) | set(other.config)):
             old, new = self.config.get(key, "(unset)"), other.config.get(key, "(unset)")
