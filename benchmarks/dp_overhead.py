@@ -160,7 +160,7 @@ class Memory:
         self._stop = threading.Event()
 
     def _sample(self) -> None:
-        from privtune.trainers.output import PeakMemory
+        from privtune.trainers.memory import PeakMemory
 
         while not self._stop.wait(self.interval):
             rss, phase = PeakMemory._rss(), self.timer.active
@@ -170,7 +170,7 @@ class Memory:
     def __enter__(self):
         import torch
 
-        from privtune.trainers.output import PeakMemory
+        from privtune.trainers.memory import PeakMemory
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -6,7 +6,8 @@
 - ``batches``     collation and the shuffled fixed-size batches of the non-private methods
 - ``recipe``      one training loop for full | lora | dp | dp-lora: setup / train / save_checkpoint / cleanup
 - ``checkpoint``  resumable checkpoints (weights or adapter, optimizer, RNG of every rank, ledger state)
-- ``output``      the released model dir with its model card, and the cost record
+- ``output``      the released model dir with its model card and privtune.json
+- ``memory``      the peak-memory meter behind efficiency.json
 - ``model_ids``   hub ids for released outputs, digests of a model's files (stage records key on them)
 - ``train_log``   per-step training curves (JSONL, TensorBoard)
 - ``dp/``         per-unit clipping with one backward, Poisson sampling, noise (privacy-critical)

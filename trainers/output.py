@@ -1,7 +1,8 @@
 """What a training run releases: an HF-loadable model dir with a model card, and its cost record.
 
-Owns: ``model/`` (full weights as safetensors, or a PEFT adapter that names its base model) and
-``efficiency.json`` (wall time, tokens/s, peak memory, trainable parameters).
+Owns: ``model/`` (full weights as safetensors, or a PEFT adapter that names its base model), its model card and
+``privtune.json``. The cost record ``efficiency.json`` is written by the recipe; peak memory comes from
+``trainers.memory``.
 
 Sensitive: the model card states the method and the (ε, δ) guarantee — or, for non-DP methods and non-private
 debug runs, says in words that there is no formal guarantee. It never claims an ε that the ledger does not back.
@@ -10,14 +11,8 @@ debug runs, says in words that there is no formal guarantee. It never claims an 
 from __future__ import annotations
 
 import json
-import os
-import resource
-import sys
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
 
 
 @dataclass
@@ -84,47 +79,6 @@ def save_model_dir(out: Path, model, tokenizer, *, method: str, base_model: str,
     meta = {"method": method, "base_model": base_model, "base_model_hub_id": base_hub_id, "steps": steps,
             "guarantee": asdict(guarantee), "ledger": ledger, "event": event}
     (out / "privtune.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
-class PeakMemory:
-    """Peak memory while the block runs: CUDA's allocator peak on GPU, sampled resident set size on CPU.
-
-    ``ru_maxrss`` would report the whole process's lifetime peak, wrong for the second run of a sweep.
-    """
-
-    def __init__(self, device: torch.device, interval: float = 0.05):
-        self.device, self.interval, self.peak = device, interval, 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:  # not Linux: fall back to the lifetime peak
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return int(rss if sys.platform == "darwin" else rss * 1024)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak = int(torch.cuda.max_memory_allocated(self.device))
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss())
 
 
 def trainable_parameter_count(model) -> int:

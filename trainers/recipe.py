@@ -40,7 +40,8 @@ from privtune.trainers.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from privtune.trainers.output import Guarantee, PeakMemory, save_model_dir, trainable_parameter_count
+from privtune.trainers.memory import PeakMemory
+from privtune.trainers.output import Guarantee, save_model_dir, trainable_parameter_count
 from privtune.trainers.train_log import TrainLog
 
 STAGE = "train"

@@ -8,7 +8,8 @@ Owns the privacy-critical path of DP fine-tuning, one small module per job:
 - ``units``     — ``UnitLayout``: rows -> privacy units (example, or user / group: rows summed before the norm).
 - ``rules``     — which rule (linear / embedding / generic torch.func) gives each trainable parameter its
   per-unit gradient; the hooks that save activations and output gradients; refusals.
-- ``inner``     — squared norms, cross terms of tied parameters, clipped sums (ghost or instantiated).
+- ``terms``     — per-unit gradient terms (dense, linear, embedding): squared norms, cross terms of tied
+  parameters, clipped sums (ghost or instantiated).
 - ``engine``    — ``DPEngine``: the micro-batch protocol, clip factors (flat or per-layer), fp32 accumulation.
 - ``selfcheck`` — ``self_check``: a few sampled units recomputed with plain autograd against the engine.
 - ``noise``     — ``add_noise`` (sigma * C, once per logical step; reproducible or OS-CSPRNG source) and

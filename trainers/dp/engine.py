@@ -51,8 +51,8 @@ import torch
 from torch import nn
 
 from .errors import DPInvariantError, DPRefusal
-from .inner import DenseTerm, Term, clipped_sum, embedding_term, linear_term, squared_norm, use_ghost
 from .rules import Capture, EmbeddingRule, GenericRule, LinearRule, Recorder, as_tokens, assign_rules
+from .terms import DenseTerm, Term, clipped_sum, embedding_term, linear_term, squared_norm, use_ghost
 from .units import UnitLayout
 
 CLIPPINGS = ("flat", "per_layer")

@@ -19,9 +19,8 @@ Sources (``noise_source(*, seed, step, rank, secure)``):
   CSPRNG (``os.urandom``; on Linux ``getrandom``, ChaCha20) by the Box-Muller transform in float64 on the CPU,
   then cast to the parameter's dtype and moved to its device. Not reproducible by design. What it rests on: the
   OS CSPRNG, and 53-bit uniforms; like every floating-point Gaussian sampler it is not hardened against
-  floating-point precision attacks on the noise's low-order bits (Jin et al., 2022), and it is slow: ~16 bytes
-  of OS randomness per 2 values (measured ~1.7 s per 10M values on a shared 2-core CPU, so ~17 s per 100M
-  parameters per step).
+  floating-point precision attacks on the noise's low-order bits (Jin et al., 2022), and it is slow: 16 bytes
+  of OS randomness and a float64 Box-Muller pair per 2 values, on the CPU.
 
 Normalisation: the noisy sum is divided by the EXPECTED number of units per step, q * N, not by the number
 actually sampled. The sampled count is itself private (it reveals whether a unit was included); dividing by a

@@ -94,7 +94,7 @@ class PoissonBatchSampler:
         if not isinstance(num_units, int) or num_units < 1:
             raise DPRefusal(f"the sampler needs at least one unit, got {num_units!r}", "check the training data")
         if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
-            raise DPRefusal(f"sample_rate must be in (0, 1], got {sample_rate!r}", "set dp.sample_rate")
+            raise DPRefusal(f"sample_rate must be in (0, 1], got {sample_rate!r}", "set train.batch_size (q = batch size / units)")
         if not isinstance(steps, int) or steps < 0:
             raise DPRefusal(f"steps must be an int >= 0, got {steps!r}", "set the number of training steps")
         if not isinstance(seed, int) or seed < 0:
