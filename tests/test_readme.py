@@ -67,6 +67,7 @@ def test_readme_parser_reads_every_block_in_order():
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.timeout(2400)  # 15 commands, some on the embedded model: ~6 min alone on 2 cores, far more under load
 def test_readme_commands_work_when_pasted_in_order(tmp_path):
     if not (REPO / ".venv" / "bin" / "privtune").exists():
         pytest.fail("no .venv with privtune: run `make install` first (make test does)")
