@@ -37,7 +37,7 @@ from privtune.accounting.events import (
     ShuffledGaussianEvent,
     event_from_dict,
 )
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 __all__ = [
     "ACCOUNTANTS",

@@ -34,7 +34,7 @@ from privtune.accounting.accountants import (
 )
 from privtune.accounting.events import NonPrivateEvent, ShuffledGaussianEvent
 from privtune.accounting.ledger import Ledger, resolve_ledger_path
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 __all__ = ["MODEL_CARD", "compose_ledgers"]
 

@@ -22,7 +22,7 @@ from scipy import optimize, special
 
 from privtune.accounting.accountants import check_delta, make_accountant
 from privtune.accounting.events import PoissonGaussianEvent
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 __all__ = ["SIGMA_MAX", "SIGMA_MIN", "Calibration", "calibrate", "calibrate_noise", "compute_epsilon"]
 

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 __all__ = [
     "Event",

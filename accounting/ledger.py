@@ -24,12 +24,10 @@ Only one process (rank 0) may write a ledger.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
-import tempfile
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -42,7 +40,8 @@ from privtune.accounting.events import (
     ShuffledGaussianEvent,
     event_from_dict,
 )
-from privtune.launch.errors import UserError
+from privtune.atomic import atomic_write_text
+from privtune.errors import UserError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -243,26 +242,8 @@ def _check_header(header: Any) -> dict[str, Any]:
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where the platform allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix (NaN refused)."""
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def _entry_name(raw: Any, position: int) -> str:

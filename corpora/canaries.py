@@ -16,8 +16,8 @@ import re
 from collections.abc import Iterable
 
 from privtune.corpora.records import CANARY_LABEL, SECRET_PLACEHOLDER, Canary, Record
+from privtune.errors import UserError
 from privtune.launch.config import CanaryConfig
-from privtune.launch.errors import UserError
 
 _DIGIT_RUN = re.compile(r"\d+")
 

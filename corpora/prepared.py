@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from privtune.atomic import staged_dir
 from privtune.corpora.records import Canary, Record, Span
 from privtune.corpora.tokenization import TokenizedExample, TokenizedSplit
-from privtune.launch.errors import UserError
-from privtune.launch.rundir import staged_dir
+from privtune.errors import UserError
 
 SPLITS = ("train", "test")
 FILES = (*(f"records.{s}.jsonl" for s in SPLITS), *(f"tokens.{s}.jsonl" for s in SPLITS), "canaries.json", "meta.json")

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 SpansOrigin = Literal["gold", "given", "regex"]
 CANARY_LABEL = "canary"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from privtune.corpora.records import Corpus, Record
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 
 def _units(records: list[Record]) -> dict[str, list[int]]:

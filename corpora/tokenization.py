@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from privtune.corpora.records import Record, Span
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 _BATCH = 512  # texts per tokenizer call: the fast tokenizer parallelises within a batch
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from privtune.corpora.detect import detect_spans
 from privtune.corpora.records import Record, Span, SpansOrigin, check_spans
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 DEFAULT_LABEL = "sensitive"
 _SPANS_FIX = "write spans as [start, end, label] character offsets into the text, end exclusive, not overlapping"

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from privtune.eval.scoring import eval_mode, length_sorted_batches, pad_batch
-from privtune.launch.progress import progress
+from privtune.progress import progress
 
 EXACT_LIMIT = 10**6
 DEFAULT_MAX_EXACT_TOKENS = 200_000

@@ -34,7 +34,7 @@ import torch
 
 from privtune.corpora.tokenization import encode_with_offsets
 from privtune.eval.scoring import eval_mode, length_sorted_batches
-from privtune.launch.progress import progress
+from privtune.progress import progress
 
 DEFAULT_MARGIN = 3
 _NO_LIMIT = 1_000_000  # "max_length" when the caller gives none: longer than any text we tokenize

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privtune.atomic import atomic_write_json
 from privtune.eval.scoring import TokenScores
 from privtune.launch.config import RunConfig
-from privtune.launch.progress import info
-from privtune.launch.rundir import atomic_write_json
+from privtune.progress import info
 
 ROC_POINTS = 200
 

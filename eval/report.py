@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from privtune.errors import UserError
 from privtune.fingerprint import stale_reasons
-from privtune.launch.errors import UserError
 
 METHOD_COLORS = {"none": "#777777", "base": "#000000", "full": "#d62728", "lora": "#1f77b4", "dp": "#2ca02c",
                  "dp-lora": "#9467bd"}

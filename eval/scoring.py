@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from privtune.launch.progress import progress
+from privtune.progress import progress
 
 
 @dataclass

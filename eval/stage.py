@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
+from privtune.atomic import staged_dir
 from privtune.eval.grid import grid, readings
 from privtune.eval.measures import run_measures
 from privtune.eval.scoring import iter_scored
 from privtune.eval.shards import PARTS, PartWriter, merge, part_path, read_done, read_rows, write_rows
 from privtune.fingerprint import RECORD, digest, read_record
 from privtune.launch.config import RunConfig
-from privtune.launch.progress import info, progress
-from privtune.launch.rundir import staged_dir
+from privtune.progress import info, progress
 
 
 def _device() -> torch.device:

@@ -7,5 +7,4 @@
 - ``stages``    which stages are still valid: reuse / redo (with the reasons) / resume / refuse, from their records
 - ``pipeline``  data -> train -> eval in order, distributed-aware
 - ``sweep``     grids and variants of runs, and the comparison table
-- ``progress``  progress bars on a terminal, periodic lines in log files
 """

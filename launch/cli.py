@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 PLANNED = {
     "train": "training as a separate stage",
@@ -167,8 +167,8 @@ def cmd_sweep(args) -> int:
     from rich.console import Console
 
     from privtune.launch.pipeline import run_pipeline
-    from privtune.launch.progress import info
     from privtune.launch.sweep import base_grids, comparison_rows, load_sweep, render_comparison
+    from privtune.progress import info
 
     name, runs = load_sweep(args.config, args.overrides)
     _preflight_all(runs)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as err:
-        from privtune.trainers.recipe import Preempted
+        from privtune.errors import Preempted
 
         if not isinstance(err, Preempted):
             raise

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 Method = Literal["none", "full", "lora", "dp", "dp-lora"]
 DP_METHODS = ("dp", "dp-lora")

@@ -14,11 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from privtune.atomic import staged_dir
 from privtune.fingerprint import file_digest, read_record, tree_digest, write_record
 from privtune.launch.config import RunConfig
 from privtune.launch.preflight import preflight
-from privtune.launch.progress import info
-from privtune.launch.rundir import create_run_dir, staged_dir
+from privtune.launch.rundir import create_run_dir
 from privtune.launch.stages import (
     data_inputs,
     finished,
@@ -28,6 +28,7 @@ from privtune.launch.stages import (
     wanted,
     write_resolved,
 )
+from privtune.progress import info
 
 
 def prepare_data(cfg: RunConfig, data_dir: Path) -> dict:

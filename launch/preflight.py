@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from privtune.errors import UserError
 from privtune.launch.config import RunConfig
-from privtune.launch.errors import UserError
 
 GENERATED = ("customersim", "synbio")
 

@@ -25,10 +25,11 @@ from typing import Any
 import yaml
 
 import privtune
+from privtune.atomic import atomic_write_text
+from privtune.errors import UserError
 from privtune.fingerprint import StageRecord, digest, file_digest, read_record, stamp, tree_digest
 from privtune.launch.config import RunConfig
-from privtune.launch.errors import UserError
-from privtune.launch.rundir import RESOLVED, atomic_write_text
+from privtune.launch.rundir import RESOLVED
 
 GENERATED = ("customersim", "synbio")
 

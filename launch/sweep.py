@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from privtune.errors import UserError
 from privtune.launch.config import RunConfig, apply_overrides, config_from_dict, load_config
-from privtune.launch.errors import UserError
 
 
 def _slug(value) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from privtune.launch.rundir import staged_dir
+from privtune.atomic import staged_dir
 
 MARKER = "COMPLETED"
 

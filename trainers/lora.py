@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from privtune.errors import UserError
 from privtune.launch.config import LoraConfig
-from privtune.launch.errors import UserError
 
 
 def apply_lora(model, lora: LoraConfig):

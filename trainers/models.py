@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 EMBEDDED = "smollm2-135m"
 TINY_FAMILIES = ("tiny-llama", "tiny-pythia", "tiny-gemma", "tiny-qwen")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from privtune.errors import UserError
 from privtune.launch.config import RunConfig
-from privtune.launch.errors import UserError
 
 
 @dataclass(frozen=True)

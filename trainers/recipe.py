@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from privtune.errors import Preempted, TrainingInterrupted, UserError
 from privtune.launch.config import RunConfig
-from privtune.launch.errors import UserError
-from privtune.launch.progress import info, progress
+from privtune.progress import info, progress
 from privtune.trainers.batches import ShuffledBatches, collate
 from privtune.trainers.checkpoint import (
     latest_checkpoint,
@@ -60,18 +60,6 @@ class StepStats:
         self.loss_sum += float(losses.sum())  # padding rows have loss exactly 0
         self.units += real_rows
         self.tokens += tokens
-
-
-class Preempted(Exception):
-    """SIGTERM, SIGUSR1 or Ctrl-C arrived: a checkpoint was written, the run resumes when started again."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """A second Ctrl-C: stopped at once; the message says what the next run resumes from."""
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 # Paper B (Yu et al., ICML 2024): 180k instructions, logical batch 4096, 10 epochs -> 439 steps, δ = 5e-7.
 PAPER_B = {"sample_rate": 4096 / 180_000, "steps": 439, "delta": 5e-7, "dataset_size": 180_000}

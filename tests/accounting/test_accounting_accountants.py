@@ -34,7 +34,7 @@ from privtune.accounting import (
     auto_discretization,
     make_accountant,
 )
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 
 def analytic_gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1.0) -> float:

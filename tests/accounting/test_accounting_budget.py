@@ -17,7 +17,7 @@ from privtune.accounting import (
     compute_epsilon,
     new_run_id,
 )
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 
 def _generator_ledger(directory, *, paper_b, sigma, **header) -> Ledger:

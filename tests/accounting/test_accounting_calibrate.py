@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from privtune.accounting import calibrate, calibrate_noise, compute_epsilon
 from privtune.accounting.calibrate import SIGMA_MAX
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 
 @pytest.mark.parametrize("target,published_sigma", [(5.94, 0.81), (2.86, 1.13)])

@@ -8,7 +8,7 @@ import pytest
 
 from privtune.accounting import GaussianEvent, Ledger, NonPrivateEvent, PoissonGaussianEvent, new_run_id
 from privtune.accounting.cli import budget_command, calibrate_command
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 
 @pytest.fixture

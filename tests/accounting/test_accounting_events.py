@@ -16,7 +16,7 @@ from privtune.accounting import (
     ShuffledGaussianEvent,
     event_from_dict,
 )
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 
 def _roundtrip(event):

@@ -17,7 +17,7 @@ from privtune.accounting import (
     new_run_id,
 )
 from privtune.accounting.ledger import LEDGER_FILENAME, resolve_ledger_path
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 Q, SIGMA = 0.01, 1.1
 

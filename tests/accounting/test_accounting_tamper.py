@@ -20,7 +20,7 @@ from privtune.accounting import (
     new_run_id,
 )
 from privtune.accounting.ledger import LEDGER_FILENAME
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 Q, SIGMA, STEPS, N = 0.05, 0.49, 40, 2_000
 MATCHES_CARD = "hash chain intact; matches the model card"

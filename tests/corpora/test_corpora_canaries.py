@@ -6,8 +6,8 @@ import pytest
 
 from privtune.corpora import build_corpus, split_corpus
 from privtune.corpora.canaries import make_canaries, secrets_in_text
+from privtune.errors import UserError
 from privtune.launch.config import CanaryConfig, DataConfig
-from privtune.launch.errors import UserError
 
 
 def _cfg(**canary) -> DataConfig:

@@ -116,7 +116,7 @@ def test_batching_does_not_change_results(smollm2):
 
 
 def test_tokenizer_without_offsets_is_a_user_error():
-    from privtune.launch.errors import UserError
+    from privtune.errors import UserError
 
     class SlowTokenizer:
         eos_token_id = 0

@@ -9,8 +9,8 @@ import pytest
 
 from privtune.corpora import build_corpus, load_prepared, save_prepared, split_corpus, tokenize
 from privtune.corpora import prepared as prepared_module
+from privtune.errors import UserError
 from privtune.launch.config import CanaryConfig, DataConfig
-from privtune.launch.errors import UserError
 
 
 def _prepare(cfg: DataConfig, tokenizer, data_dir: Path) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from privtune.corpora import Corpus, Record, split_corpus
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 
 def _corpus(n: int, groups: int | None = None) -> Corpus:

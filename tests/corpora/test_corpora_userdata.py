@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from privtune.corpora import Span, build_corpus
+from privtune.errors import UserError
 from privtune.launch.config import DataConfig
-from privtune.launch.errors import UserError
 
 ROWS = [
     {"text": "Hi, I am Ana Lima and I live in Porto.", "sensitive_spans": [[9, 17, "name"], [32, 37, "city"]],

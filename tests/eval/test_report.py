@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import yaml
 
+from privtune.errors import UserError
 from privtune.eval.plots import place_labels
 from privtune.eval.report import load_run, read_train_log, row_of, write_report
 from privtune.eval.stats import roc_curve, roc_metrics
-from privtune.launch.errors import UserError
 
 # (name, dataset, method, lora r, ε (None: no formal guarantee), train-sensitive NLL drop, test non-sens NLL)
 RUNS = [

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from privtune.errors import UserError
 from privtune.launch.config import PrivacyConfig, RunConfig, apply_overrides, load_config
-from privtune.launch.errors import UserError
 from privtune.launch.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 from privtune.trainers.models import TINY_FAMILIES, byte_tokenizer, load_model, load_tokenizer
 
 

@@ -120,7 +120,7 @@ def test_reproducible_runs_are_marked_and_budget_refuses_them_unless_asked(tmp_p
 
 
 def test_reproducible_and_secure_rng_exclude_each_other(tmp_path):
-    from privtune.launch.errors import UserError
+    from privtune.errors import UserError
 
     with pytest.raises(UserError, match="exclude each other"):
         _cfg(tmp_path, "x", reproducible=True, secure_rng=True)

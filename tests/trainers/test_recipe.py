@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from privtune.errors import UserError
 from privtune.launch.cli import main
 from privtune.launch.config import config_from_dict
-from privtune.launch.errors import UserError
 from privtune.launch.pipeline import ensure_data
 from privtune.trainers.recipe import FineTuneRecipe
 

@@ -14,7 +14,7 @@ Nothing sensitive is put in these messages: they name modules, parameters and sh
 
 from __future__ import annotations
 
-from privtune.launch.errors import UserError
+from privtune.errors import UserError
 
 
 class DPRefusal(UserError):
