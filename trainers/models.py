@@ -185,16 +185,20 @@ def resolve_model_source(name: str) -> str:
     if path.suffix or name.startswith((".", "/", "~")):
         raise UserError(f"model path {name} does not exist", "check the path, or use a registry name such as smollm2-135m")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import try_to_load_from_cache
 
-        snapshot = snapshot_download(name, local_files_only=True)
-    except Exception:
+        # A cache lookup only (no network call at all): the snapshot folder holding the model's config.json.
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # a name that is not a valid hub id
+        cached = None
+    if not isinstance(cached, str):
         raise UserError(
             f"model '{name}' is not a registry name ({', '.join(REGISTRY)}), a local directory, or a hub id in the local cache",
             "pass a local path, or download it once on a machine with network (`hf download ID`); privtune never downloads at run time",
-        ) from None
-    check_model_dir(Path(snapshot))  # a cache holding only some files of the model (e.g. its config) is refused
-    return snapshot
+        )
+    snapshot = Path(cached).parent
+    check_model_dir(snapshot)  # a cache holding only some files of the model (e.g. its config) is refused
+    return str(snapshot)
 
 
 def _embedded_cached() -> Path | None:

@@ -62,3 +62,18 @@ def test_unknown_model_is_refused_with_the_fix(name):
         load_model(name)
     assert "\n" not in str(err.value)
     assert "download" in str(err.value) or "path" in str(err.value)
+
+
+def test_a_hub_id_resolves_from_the_local_cache_without_any_download(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    from privtune.trainers.models import build_tiny, resolve_model_source
+
+    snapshot = tmp_path / "models--acme--tiny" / "snapshots" / "0123abcd"
+    model, tokenizer = build_tiny("tiny-llama")
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (tmp_path / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model_source("acme/tiny") == str(snapshot)
