@@ -16,9 +16,9 @@ from dataclasses import replace
 
 from privtune.corpora import customersim, synbio
 from privtune.corpora.canaries import canary_records, make_canaries
+from privtune.corpora.config import DataConfig
 from privtune.corpora.records import Corpus, Record
 from privtune.corpora.userdata import load_user_records
-from privtune.launch.config import DataConfig
 
 GENERATORS = {"customersim": customersim.generate, "synbio": synbio.generate}
 

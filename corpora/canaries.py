@@ -15,9 +15,9 @@ import random
 import re
 from collections.abc import Iterable
 
+from privtune.corpora.config import CanaryConfig
 from privtune.corpora.records import CANARY_LABEL, SECRET_PLACEHOLDER, Canary, Record
 from privtune.errors import UserError
-from privtune.launch.config import CanaryConfig
 
 _DIGIT_RUN = re.compile(r"\d+")
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from privtune.atomic import atomic_write_json
+from privtune.eval.config import EvalRun
 from privtune.eval.scoring import TokenScores
-from privtune.launch.config import RunConfig
 from privtune.progress import info
 
 ROC_POINTS = 200
@@ -39,7 +39,7 @@ def _curve(members: np.ndarray, nonmembers: np.ndarray) -> dict:
     return {"fpr": curve["fpr"][keep].round(6).tolist(), "tpr": curve["tpr"][keep].round(6).tolist()}
 
 
-def membership(cfg: RunConfig, scores: dict[str, dict[str, TokenScores]], records: dict[str, list]) -> dict:
+def membership(cfg: EvalRun, scores: dict[str, dict[str, TokenScores]], records: dict[str, list]) -> dict:
     """``scores[label][split]``; ``records[split]`` the scored records in the same order."""
     from privtune.eval.mia import MIAInputs, attack_scores, membership_inference
 
@@ -66,7 +66,7 @@ def membership(cfg: RunConfig, scores: dict[str, dict[str, TokenScores]], record
     return out
 
 
-def exposure_and_extraction(cfg: RunConfig, loaders, canaries, train_records, *,
+def exposure_and_extraction(cfg: EvalRun, loaders, canaries, train_records, *,
                             base_cache: Path | None = None) -> tuple[dict, dict]:
     """Both measures for every model; the base model's come from ``base_cache`` when an earlier run wrote it."""
     from privtune.eval.exposure import canary_exposure
@@ -103,7 +103,7 @@ def exposure_and_extraction(cfg: RunConfig, loaders, canaries, train_records, *,
     return exposure, extraction
 
 
-def run_measures(cfg: RunConfig, run_dir: Path, loaders, scores, data, limit, *,
+def run_measures(cfg: EvalRun, run_dir: Path, loaders, scores, data, limit, *,
                  base_cache: Path | None = None) -> dict:
     records = {"train": data.train_records[:limit], "test": data.test_records[:limit]}
     out = {}

@@ -21,20 +21,17 @@ from pathlib import Path
 import torch
 
 from privtune.atomic import staged_dir
+from privtune.eval.config import EvalRun
 from privtune.eval.grid import grid, readings
 from privtune.eval.measures import run_measures
 from privtune.eval.scoring import iter_scored
 from privtune.eval.shards import PARTS, PartWriter, merge, part_path, read_done, read_rows, write_rows
 from privtune.fingerprint import RECORD, digest, read_record
-from privtune.launch.config import RunConfig
+from privtune.process import ProcessState, current
 from privtune.progress import info, progress
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def stage_inputs(cfg: RunConfig, run_dir: Path) -> dict[str, str | None]:
+def stage_inputs(cfg: EvalRun, run_dir: Path) -> dict[str, str | None]:
     """Digests of what this eval reads: the prepared data, the trained model (if any) and the base model's files."""
     from privtune.trainers.model_ids import model_digest
 
@@ -44,18 +41,18 @@ def stage_inputs(cfg: RunConfig, run_dir: Path) -> dict[str, str | None]:
             "base_model": model_digest(cfg.model.name)}
 
 
-def _scores_key(cfg: RunConfig, inputs: dict, label: str) -> str:
+def _scores_key(cfg: EvalRun, inputs: dict, label: str) -> str:
     """Per-token scores depend only on the model's files, the prepared data, the dtype and which examples."""
     model = inputs["base_model"] if label == "base" else inputs["model"]
     return digest({"model": model, "data": inputs["data"], "dtype": cfg.model.dtype,
                    "max_examples": cfg.eval.max_examples})
 
 
-def _base_cache_path(cfg: RunConfig, inputs: dict) -> Path:
+def _base_cache_path(cfg: EvalRun, inputs: dict) -> Path:
     return Path(cfg.output_dir) / ".cache" / f"base-{_scores_key(cfg, inputs, 'base')[:20]}"
 
 
-def _base_measures_path(cfg: RunConfig, inputs: dict) -> Path:
+def _base_measures_path(cfg: EvalRun, inputs: dict) -> Path:
     """The base model's exposure and extraction: the scores' key plus every setting the two measures read."""
     e = cfg.eval
     settings = dict(exposure=e.exposure, method=e.exposure_method, sample=e.exposure_sample_size, seed=cfg.seed,
@@ -76,26 +73,7 @@ def _drop_stale_parts(run_dir: Path, label: str, key: str) -> None:
     marker.write_text(key + "\n")
 
 
-class _Dist:
-    """Rank, world size and a barrier; a single process when not launched distributed."""
-
-    def __init__(self):
-        import os
-
-        self.state = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.rank = self.state.process_index if self.state else 0
-        self.world = self.state.num_processes if self.state else 1
-
-    def barrier(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
-
-
-def _model_loaders(cfg: RunConfig, run_dir: Path) -> list[tuple[str, object]]:
+def _model_loaders(cfg: EvalRun, run_dir: Path) -> list[tuple[str, object]]:
     from privtune.trainers.models import load_model, load_trained
 
     loaders = []
@@ -106,25 +84,25 @@ def _model_loaders(cfg: RunConfig, run_dir: Path) -> list[tuple[str, object]]:
     return loaders
 
 
-def score_shards(cfg: RunConfig, run_dir: Path, splits: dict, dist: _Dist, inputs: dict) -> float:
+def score_shards(cfg: EvalRun, run_dir: Path, splits: dict, proc: ProcessState, inputs: dict) -> float:
     """Score this rank's share of every (model, split) not yet scored; returns seconds spent scoring."""
     seconds = 0.0
     for label, load in _model_loaders(cfg, run_dir):
         if label == "base" and _base_cache_path(cfg, inputs).exists():  # scored by an earlier run
             continue
-        if dist.rank == 0:
+        if proc.rank == 0:
             _drop_stale_parts(run_dir, label, _scores_key(cfg, inputs, label))
-        dist.barrier()
+        proc.barrier()
         pending = {split: [i for i in range(len(ids)) if i not in read_done(run_dir, label, split)]
                    for split, (ids, _) in splits.items()}
-        mine = {split: idx[dist.rank :: dist.world] for split, idx in pending.items()}
+        mine = {split: idx[proc.rank :: proc.world_size] for split, idx in pending.items()}
         if not any(mine.values()):
             continue
         model, tokenizer = load()
-        model.to(_device())
+        model.to(proc.device)
         started = time.perf_counter()
         for split, indices in mine.items():
-            writer = PartWriter(part_path(run_dir, label, split, dist.rank))
+            writer = PartWriter(part_path(run_dir, label, split, proc.rank))
             with progress(total=len(indices), desc=f"eval {label} model, {split}", unit="ex") as bar:
                 for rows in iter_scored(model, splits[split][0], indices, batch_size=cfg.eval.batch_size,
                                         pad_id=tokenizer.pad_token_id):
@@ -136,7 +114,7 @@ def score_shards(cfg: RunConfig, run_dir: Path, splits: dict, dist: _Dist, input
     return seconds
 
 
-def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path, data, limit, inputs: dict) -> dict:
+def aggregate(cfg: EvalRun, run_dir: Path, splits: dict, out_dir: Path, data, limit, inputs: dict) -> dict:
     """Rank 0: merge the part files into per-model grids, readings and metrics.json."""
     metrics: dict = {
         "model": cfg.model.name,
@@ -174,11 +152,11 @@ def aggregate(cfg: RunConfig, run_dir: Path, splits: dict, out_dir: Path, data, 
     return metrics
 
 
-def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None, *, inputs: dict | None = None) -> dict:
+def evaluate_run(cfg: EvalRun, run_dir: Path, out_dir: Path | None, *, inputs: dict | None = None) -> dict:
     """Score (all ranks) and aggregate (rank 0, into ``out_dir``). Returns metrics on rank 0, {} elsewhere."""
     from privtune.corpora import load_prepared
 
-    dist = _Dist()
+    proc = current()
     data = load_prepared(run_dir / "data")
     if cfg.performance.num_threads:
         torch.set_num_threads(cfg.performance.num_threads)
@@ -186,17 +164,18 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, out_dir: Path | None, *, inputs:
     splits = {name: (split.input_ids[:limit], split.sensitive[:limit])
               for name, split in (("train", data.train), ("test", data.test))}
     inputs = inputs if inputs is not None else stage_inputs(cfg, run_dir)
-    seconds = score_shards(cfg, run_dir, splits, dist, inputs)
-    dist.barrier()
-    if dist.rank != 0:
+    seconds = score_shards(cfg, run_dir, splits, proc, inputs)
+    proc.barrier()
+    if proc.rank != 0:
         return {}
     metrics = aggregate(cfg, run_dir, splits, out_dir, data, limit, inputs)
-    metrics["scoring"] = {"seconds_rank0": round(seconds, 2), "world_size": dist.world}
+    metrics["scoring"] = {"seconds_rank0": round(seconds, 2), "world_size": proc.world_size}
     # What these numbers are of: the eval settings and the digests of the data and models scored.
     metrics["provenance"] = {"eval": cfg.eval.model_dump(mode="json"), "inputs": inputs}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if seconds:
-        info(f"[bold]eval[/]  scored in {seconds:.1f} s ({dist.world} process{'es' if dist.world > 1 else ''})")
+        n = proc.world_size
+        info(f"[bold]eval[/]  scored in {seconds:.1f} s ({n} process{'es' if n > 1 else ''})")
     return metrics
 
 

@@ -1,150 +1,46 @@
 """The typed run configuration: one schema for every YAML under ``configs/``.
 
-Owns: parsing YAML plus ``key=value`` overrides into a validated ``RunConfig``; unknown keys are refused (a
-misspelled option must never be silently ignored); errors name the field and say how to fix it.
+Owns: ``RunConfig``, which assembles the sections each stage owns (``data`` in ``corpora/config.py``; ``model``,
+``train``, ``privacy``, ``performance`` in ``trainers/config.py``; ``eval`` in ``eval/config.py``) and checks them
+against each other; parsing YAML plus ``key=value`` overrides into a validated ``RunConfig``; dumping it. Unknown
+keys are refused (a misspelled option must never be silently ignored); errors name the field and say how to fix
+it. The section classes are re-exported here for launch and the tests.
 
-Sensitive: ``PrivacyConfig`` is frozen and kept apart from ``PerformanceConfig``. Everything that determines the
-privacy guarantee (unit, δ, ε target or σ, clipping norm, sampler, accountant) lives in ``PrivacyConfig``;
-performance knobs (micro-batch size, precision, workers) must never change the guarantee, and a test checks that
-they do not change the update either.
+Sensitive: ``PrivacyConfig`` (``trainers/config.py``) is frozen and kept apart from ``PerformanceConfig``; see
+there for what the guarantee rests on.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from privtune.configbase import Strict
+from privtune.corpora.config import CanaryConfig, DataConfig
 from privtune.errors import UserError
+from privtune.eval.config import EvalConfig
+from privtune.trainers.config import (
+    DP_METHODS,
+    LoraConfig,
+    Method,
+    ModelConfig,
+    PerformanceConfig,
+    PrivacyConfig,
+    TrainConfig,
+)
 
-Method = Literal["none", "full", "lora", "dp", "dp-lora"]
-DP_METHODS = ("dp", "dp-lora")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Strict):
-    # A registry name (smollm2-135m, tiny-llama, tiny-pythia, tiny-gemma, tiny-qwen), a local directory or a hub id
-    # that is already in the local Hugging Face cache. Nothing is downloaded at run time.
-    name: str = "smollm2-135m"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-
-
-class CanaryConfig(_Strict):
-    """Secret Sharer canaries: ``count`` distinct secrets, each inserted ``repetitions`` times into training data."""
-
-    pattern: str = "My ID is {secret}."
-    secret_digits: int = Field(6, ge=1, le=12)
-    count: int = Field(1, ge=0)
-    repetitions: int = Field(10, ge=1)
-
-    @field_validator("pattern")
-    @classmethod
-    def _has_placeholder(cls, v: str) -> str:
-        if v.count("{secret}") != 1:
-            raise ValueError("must contain the placeholder {secret} exactly once")
-        return v
+__all__ = [
+    "DP_METHODS", "CanaryConfig", "DataConfig", "EvalConfig", "LoraConfig", "Method", "ModelConfig",
+    "PerformanceConfig", "PrivacyConfig", "RunConfig", "TrainConfig", "apply_overrides", "config_from_dict",
+    "dump_config", "finite", "load_config",
+]
 
 
-class DataConfig(_Strict):
-    # customersim | synbio | a local .jsonl / .csv file or a dataset directory saved with `datasets`
-    source: str = "customersim"
-    num_examples: int = Field(1000, ge=1, description="generated corpora only")
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    max_length: int = Field(128, ge=8)
-    seed: int = 0
-    text_field: str = "text"
-    spans_field: str = "sensitive_spans"
-    # User-level privacy: the column whose value names the user. Required when privacy.unit == "group".
-    group_by: str | None = None
-    canaries: CanaryConfig | None = Field(default_factory=CanaryConfig)
-
-
-class PrivacyConfig(_Strict):
-    """Everything the (ε, δ) guarantee rests on. Frozen: nothing may change it after validation."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    unit: Literal["example", "group"] = "example"
-    # Either a target ε (σ is calibrated so that the printed ε never exceeds it) or an explicit σ.
-    target_epsilon: float | None = Field(None, gt=0.0)
-    noise_multiplier: float | None = Field(None, ge=0.0)
-    delta: float | None = Field(None, gt=0.0, lt=1.0)  # default 1 / (10 N) when unset
-    clip_norm: float = Field(1.0, gt=0.0)
-    clipping: Literal["flat", "per_layer"] = "flat"
-    sampler: Literal["poisson"] = "poisson"
-    accountant: Literal["pld", "rdp"] = "pld"
-    # By default the Poisson sample and the noise come from a 128-bit key drawn from the OS CSPRNG and kept only in
-    # the run's checkpoints. reproducible: derive both from `seed` instead (tests, experiments): anyone with the
-    # config can then recompute the batches and subtract the noise, so such a run is never a release.
-    reproducible: bool = False
-    # Every noise value from OS randomness (slow; hardens the noise generator itself, not reproducible).
-    secure_rng: bool = False
-    # σ = 0 under a DP method is refused unless this is set; then no ε is claimed anywhere.
-    non_private_debug: bool = False
-
-    @model_validator(mode="after")
-    def _one_noise_source(self) -> PrivacyConfig:
-        if self.target_epsilon is not None and self.noise_multiplier is not None:
-            raise ValueError("set either target_epsilon or noise_multiplier, not both")
-        if self.reproducible and self.secure_rng:
-            raise ValueError("reproducible and secure_rng exclude each other (OS randomness cannot be replayed)")
-        return self
-
-
-class LoraConfig(_Strict):
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # "all-linear" or explicit module names (q_proj, v_proj, query_key_value, ...)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-class TrainConfig(_Strict):
-    method: Method = "none"
-    epochs: float = Field(1.0, gt=0.0)
-    max_steps: int | None = Field(None, ge=1)
-    # Logical batch: exact size for non-DP methods, the *expected* Poisson batch size for DP ones.
-    batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(1e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    warmup_steps: int = Field(0, ge=0)
-    loss_on: Literal["all", "response"] = "all"
-    checkpoint_every: int | None = Field(None, ge=1)
-    # DP methods: recompute one or two sampled units' clipped gradients with plain autograd on the first step and
-    # every N steps, and stop on a mismatch (trainers/dp/selfcheck.py). null turns it off.
-    self_check_every: int | None = Field(100, ge=1)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-
-
-class PerformanceConfig(_Strict):
-    """Knobs that change speed and memory, never the guarantee or the update."""
-
-    micro_batch_size: int = Field(8, ge=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    num_threads: int | None = Field(None, ge=1)
-
-
-class EvalConfig(_Strict):
-    batch_size: int = Field(8, ge=1)
-    max_examples: int | None = Field(None, ge=1, description="per split; None scores every example")
-    base_model: bool = True
-    mia: bool = True
-    mia_bootstrap: int = Field(1000, ge=0)
-    exposure: bool = True
-    exposure_method: Literal["auto", "exact", "extrapolate"] = "auto"
-    exposure_batch_size: int = Field(256, ge=1)
-    exposure_sample_size: int = Field(5000, ge=10, description="candidates drawn for the skew-normal fit")
-    extraction_max_spans: int = Field(100, ge=0, description="0 turns extraction off")
-
-
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     output_dir: str = "runs"
     seed: int = 0

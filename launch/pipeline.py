@@ -9,7 +9,6 @@ interrupted one. What counts as a change is declared in ``stages``.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from privtune.launch.stages import (
     wanted,
     write_resolved,
 )
+from privtune.process import current
 from privtune.progress import info
 
 
@@ -85,8 +85,7 @@ def run_eval_stage(cfg: RunConfig, run_dir: Path) -> dict:
         return json.loads((run_dir / "eval" / "metrics.json").read_text())
     if plan.action == "redo":
         info(f"[bold]eval[/]  {'; '.join(plan.reasons)}: scoring again")
-    state = _distributed()
-    if state is not None and not state.is_main_process:
+    if not current().is_main:
         evaluate_run(cfg, run_dir, None, inputs=want.inputs)
         return {}
     with staged_dir(run_dir / "eval") as tmp:
@@ -112,8 +111,8 @@ def run_train_stage(cfg: RunConfig, run_dir: Path) -> None:
     want = train_wanted(cfg, read_record(run_dir / "data"))
     resuming = f" (resuming {plan.reasons[0]})" if plan.action == "resume" else ""
     info(f"[bold]train[/]  {cfg.train.method} on {cfg.model.name}{resuming}")
-    state = _distributed()
-    if state is None or state.is_main_process:
+    state = current()
+    if state.is_main:
         with staged_dir(run_dir / "model") as tmp:
             stats = run_training(cfg, run_dir, tmp, train_key=want.key)
             write_record(tmp, finished(want, output=tree_digest(tmp), summary={"steps": stats["steps"]}))
@@ -121,31 +120,17 @@ def run_train_stage(cfg: RunConfig, run_dir: Path) -> None:
     else:  # other ranks train alongside; only the main process publishes the model
         with tempfile.TemporaryDirectory() as tmp:
             run_training(cfg, run_dir, Path(tmp), train_key=want.key)
-    if state is not None:
-        state.wait_for_everyone()
-
-
-def _distributed():
-    """accelerate's process state when launched with several processes (torchrun, srun), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
+    state.barrier()
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
     started = time.perf_counter()
-    state = _distributed()
-    if state is None:
+    state = current()
+    with state.main_first():  # rank 0 prepares the data, the others then find it
         run_dir, _ = ensure_data(cfg)
-    else:
-        with state.main_process_first():  # rank 0 prepares the data, the others then find it
-            run_dir, _ = ensure_data(cfg)
     run_train_stage(cfg, run_dir)
     metrics = run_eval_stage(cfg, run_dir)
-    if state is not None and not state.is_main_process:
-        return {"rank": state.process_index}
+    if not state.is_main:
+        return {"rank": state.rank}
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     return metrics

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from privtune.errors import UserError
-from privtune.launch.config import LoraConfig
+from privtune.trainers.config import LoraConfig
 
 
 def apply_lora(model, lora: LoraConfig):

@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from privtune.errors import UserError
-from privtune.launch.config import RunConfig
+from privtune.trainers.config import TrainingRun
 
 
 @dataclass(frozen=True)
@@ -76,13 +76,13 @@ def default_delta(num_units: int) -> float:
     return math.floor(raw / 10**exponent) * 10**exponent
 
 
-def training_steps(cfg: RunConfig, num_units: int) -> int:
+def training_steps(cfg: TrainingRun, num_units: int) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.epochs * num_units / cfg.train.batch_size))
 
 
-def check_privacy_settings(cfg: RunConfig) -> None:
+def check_privacy_settings(cfg: TrainingRun) -> None:
     """The DP refusals that need only the config, so ``preflight`` runs them before any work; ``resolve_plan`` too.
 
     Under a DP method: a noise source is required (``target_epsilon`` or ``noise_multiplier``); σ = 0 needs
@@ -101,14 +101,14 @@ def check_privacy_settings(cfg: RunConfig) -> None:
                         "set σ > 0, or privacy.non_private_debug=true for a debug run that claims no ε")
 
 
-def check_batch_size(cfg: RunConfig, num_units: int) -> None:
+def check_batch_size(cfg: TrainingRun, num_units: int) -> None:
     """A logical batch cannot be larger than the training set (its units: examples, or users for unit=group)."""
     if cfg.train.batch_size > num_units:
         raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {num_units} training units",
                         "lower train.batch_size or use more data")
 
 
-def resolve_plan(cfg: RunConfig, num_units: int) -> DPPlan:
+def resolve_plan(cfg: TrainingRun, num_units: int) -> DPPlan:
     from privtune.accounting.calibrate import calibrate_noise, compute_epsilon
 
     privacy = cfg.privacy
