@@ -32,7 +32,7 @@ from privtune.accounting.events import (
     ShuffledGaussianEvent,
     event_from_dict,
 )
-from privtune.accounting.ledger import Ledger, LedgerEntry, new_run_id, resolve_ledger_path
+from privtune.accounting.ledger import Ledger, LedgerEntry, LedgerHeader, new_run_id, resolve_ledger_path
 
 __all__ = [
     "NEIGHBOURING",
@@ -43,6 +43,7 @@ __all__ = [
     "GaussianEvent",
     "Ledger",
     "LedgerEntry",
+    "LedgerHeader",
     "NoGuaranteeError",
     "NonPrivateEvent",
     "PLDAccountant",

@@ -55,14 +55,15 @@ __all__ = [
 NEIGHBOURING = "add_remove"
 _NEIGHBOR_REL = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
-# PLD grid: the coarsest step ever used (Paper B's run, T=439: ~0.1 s per ε at 2e-3, and the result exceeds the
-# 1e-4 grid's by 0.01-0.04 %) and the most points a single event's PLD may have (~0.6 s to build); see
-# ``auto_discretization``.
+# PLD grid: the coarsest step ever used (on Paper B's run, T=439, the result at 2e-3 exceeds the 1e-4 grid's by
+# 0.01-0.04 %, at a fraction of its cost) and the most points a single event's PLD may have (bounds its build
+# time); see ``auto_discretization``; timings in docs/performance-notes.md.
 DEFAULT_VALUE_DISCRETIZATION = 2e-3
 _MAX_GRID_POINTS = 40_000
 
 # RDP orders: dp_accounting's defaults (1.1…11 in steps of 0.1, 11…63, 128, 256, 512, 1024) with the gaps above
-# 64 filled in. Orders beyond 1024 only matter for ε ≲ 0.05 and cost ~0.1 s per evaluation.
+# 64 filled in. Orders beyond 1024 only matter for ε ≲ 0.05 and would slow every evaluation
+# (docs/performance-notes.md).
 RDP_ORDERS: tuple[float, ...] = tuple(
     sorted(
         {1.0 + x / 10.0 for x in range(1, 101)}

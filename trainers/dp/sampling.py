@@ -57,8 +57,9 @@ class MicroBatch:
         """The real rows only, or a single padding row when there are none.
 
         Padding rows add nothing to the clipped sum, but once collated each costs a full row of compute at the
-        micro-batch's width: with an expected batch near ``micro_batch_size`` they would make a DP step ~1.5x the
-        work of its real rows. The micro-batch *count* (what data parallelism needs equal) is unchanged.
+        micro-batch's width: with an expected batch near ``micro_batch_size`` they would be a large share of a DP
+        step's work (measured in docs/performance-notes.md). The micro-batch *count* (what data parallelism needs
+        equal) is unchanged.
         """
         real = self.rows >= 0
         keep = real if bool(real.any()) else torch.arange(len(self.rows)) == 0
@@ -101,7 +102,7 @@ class PoissonBatchSampler:
             raise DPRefusal(f"seed must be an int >= 0, got {seed!r}", "set a seed")
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
             raise DPRefusal(f"micro_batch_size must be an int >= 1, got {micro_batch_size!r}",
-                            "set micro_batch_size")
+                            "set performance.micro_batch_size")
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise DPRefusal(f"rank {rank!r} is not within world size {world_size!r}", "check the launcher")
         self.num_units = num_units
