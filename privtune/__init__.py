@@ -1,9 +1,10 @@
 """privtune: fine-tune language models on private data, account for privacy, measure memorization.
 
 The core lives here and imports no stage: ``errors`` (UserError, Preempted), ``progress`` (bars on a terminal,
-periodic lines in logs, rank 0 only), ``atomic`` (atomic writes and staged directories) and ``fingerprint``
-(content digests and the stage records every stage folder holds). The distribution maps each other top-level
-folder of the repository to one subpackage:
+periodic lines in logs, rank 0 only), ``atomic`` (atomic writes and staged directories), ``fingerprint``
+(content digests and the stage records every stage folder holds), ``process`` (rank, world size, device, the
+process group) and ``configbase`` (the strict base of every config section). Each other top-level folder of the
+repository is one subpackage, reached through a relative symlink ``privtune/<stage> -> ../<stage>``:
 
 - ``privtune.launch``     CLI, typed config, run directories and stages
 - ``privtune.corpora``    datasets with gold sensitive spans, tokenization with per-token sensitive masks

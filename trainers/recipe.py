@@ -7,10 +7,11 @@
 complete checkpoint; ``train`` runs logical steps; ``save_checkpoint`` and ``save_model`` write the run dir;
 ``cleanup`` tears down. Each logical step is:
 
-- non-private (full, lora): a shuffled fixed-size batch; mean of per-example losses; gradients summed over ranks.
-- DP (dp, dp-lora): a Poisson sample of units; per-unit clipped gradients summed by the DP engine (one backward
-  per micro-batch); sums all-reduced over ranks; Gaussian noise σ·C added once, on rank 0, and broadcast; the
-  noisy sum divided by the expected batch size q·N; the optimizer steps; the ledger counts the step.
+- non-private (full, lora), ``trainers.plain_step.PlainStep``: a shuffled fixed-size batch; mean of per-example
+  losses; gradients summed over ranks.
+- DP (dp, dp-lora), ``trainers.dp.step.DPStep``: a Poisson sample of units; per-unit clipped gradients summed by
+  the DP engine (one backward per micro-batch); Gaussian noise σ·C added once (rank 0) and the sum over ranks
+  divided by the expected batch size q·N; the optimizer steps; the ledger counts the step.
 
 Privacy unit: one example, or one user (``privacy.unit=group``, ``data.group_by``). Sensitive: the training data,
 which batches were drawn, the per-unit norms (logged only as aggregates).
@@ -28,7 +29,6 @@ import torch
 import torch.distributed as dist
 
 from privtune.errors import Preempted, TrainingInterrupted, UserError
-from privtune.launch.config import RunConfig
 from privtune.progress import info, progress
 from privtune.trainers.batches import ShuffledBatches, collate
 from privtune.trainers.checkpoint import (
@@ -40,8 +40,10 @@ from privtune.trainers.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from privtune.trainers.config import TrainingRun
 from privtune.trainers.memory import PeakMemory
 from privtune.trainers.output import Guarantee, save_model_dir, trainable_parameter_count
+from privtune.trainers.plain_step import PlainStep
 from privtune.trainers.train_log import TrainLog
 
 STAGE = "train"
@@ -66,7 +68,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class FineTuneRecipe:
-    def __init__(self, cfg: RunConfig, run_dir: Path, *, train_key: str | None = None,
+    def __init__(self, cfg: TrainingRun, run_dir: Path, *, train_key: str | None = None,
                  replay_key: int | None = None):
         self.cfg, self.run_dir = cfg, run_dir
         self.replay_key = replay_key  # tests only: replay a run's secret key instead of drawing a fresh one
@@ -77,15 +79,14 @@ class FineTuneRecipe:
 
     # ---------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from accelerate import PartialState
-
         from privtune.corpora import load_prepared
+        from privtune.process import current
         from privtune.trainers.lora import prepare_trainable
         from privtune.trainers.models import load_model
 
         cfg = self.cfg
-        self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.state = current()
+        self.rank, self.world = self.state.rank, self.state.world_size
         self.device = self.state.device
         if cfg.performance.num_threads:
             torch.set_num_threads(cfg.performance.num_threads)
@@ -112,6 +113,7 @@ class FineTuneRecipe:
             self.batches = ShuffledBatches(n, batch_size=cfg.train.batch_size, seed=cfg.seed,
                                            micro_batch_size=cfg.performance.micro_batch_size,
                                            world_size=self.world, rank=self.rank)
+            self.update = PlainStep(self.trainable, batch_size=self.batches.batch_size, world_size=self.world)
             self.ledger = self._open_ledger(unit="example", num_units=n)
         self.step = 0
         self._resume()
@@ -127,6 +129,7 @@ class FineTuneRecipe:
 
     def _setup_dp(self) -> None:
         from privtune.trainers.dp import DPEngine, PoissonBatchSampler
+        from privtune.trainers.dp.step import DPStep, ReplicatedReduction
         from privtune.trainers.plan import resolve_plan
 
         cfg, data = self.cfg, self.train_data
@@ -142,6 +145,10 @@ class FineTuneRecipe:
         self.randomness_key = self._randomness_key()
         self.engine = DPEngine(self.model, trainable=self.trainable, clip_norm=self.plan.clip_norm,
                                clipping=self.plan.clipping)
+        self.update = DPStep(self.engine, noise_multiplier=self.plan.noise_multiplier,
+                             expected_batch_size=self.plan.expected_batch_size,
+                             randomness_key=self.randomness_key, secure_rng=self.plan.secure_rng,
+                             reduction=ReplicatedReduction(rank=self.rank, world_size=self.world))
         self.sampler = PoissonBatchSampler(num_units, sample_rate=self.plan.sample_rate, steps=self.plan.steps,
                                            seed=self.randomness_key, micro_batch_size=cfg.performance.micro_batch_size,
                                            unit_rows=unit_rows, world_size=self.world, rank=self.rank)
@@ -221,7 +228,7 @@ class FineTuneRecipe:
             while self.step < self.total_steps:
                 step_started = time.perf_counter()
                 learning_rate = self.scheduler.get_last_lr()[0]
-                stats = self._dp_step() if self.is_dp else self._plain_step()
+                stats = self._dp_step() if self.is_dp else self._plain_step()  # leaves the update in .grad
                 self._check_every_parameter_has_a_gradient()
                 self.optimizer.step()
                 self.scheduler.step()
@@ -289,58 +296,46 @@ class FineTuneRecipe:
     def _inputs(self, rows: list[int]):
         return collate(rows, self.train_data.input_ids, pad_id=self.tokenizer.pad_token_id).to(self.device)
 
-    def _plain_step(self) -> StepStats:
+    def _loss_fn(self, stats: StepStats):
+        """What the update objects call per micro-batch, on (inputs, real rows): forward, per-row losses, stats."""
         from privtune.trainers.dp import per_example_loss
 
-        stats = StepStats()
-        batch_size = self.batches.batch_size
-        for rows in self.batches.micro_batches(self.step):
-            inputs = self._inputs(rows)
+        def loss_fn(item) -> torch.Tensor:
+            inputs, real_rows = item
             with self.autocast:
                 logits = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
-            # Same objective as the DP methods: the mean over the batch of each example's mean token loss.
+            # Every method's objective: the mean over the batch of each example's mean token loss.
             losses = per_example_loss(logits.float(), inputs.labels)
-            (losses.sum() / batch_size).backward()
-            stats.add(losses.detach(), real_rows=sum(1 for r in rows if r >= 0), tokens=inputs.num_tokens)
-        if self.world > 1:
-            for p in self.trainable:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+            stats.add(losses.detach(), real_rows=real_rows, tokens=inputs.num_tokens)
+            return losses
+
+        return loss_fn
+
+    def _plain_step(self) -> StepStats:
+        stats = StepStats()
+        micro_batches = ((self._inputs(rows), sum(1 for r in rows if r >= 0))
+                         for rows in self.batches.micro_batches(self.step))
+        self.update.run(micro_batches, self._loss_fn(stats), step=self.step)
         return stats
 
     def _dp_step(self) -> StepStats:
-        from privtune.trainers.dp import add_noise, noise_source, normalize, per_example_loss
+        from privtune.trainers.dp.step import MicroBatchInputs
 
         batch = self.sampler.batch(self.step)
         stats = StepStats()
         every = self.cfg.train.self_check_every
         if every is not None and (self.step == self.first_step or self.step % every == 0):
             self._self_check(batch)
-        for micro in (m.without_padding() for m in batch.micro_batches):
-            inputs = self._inputs(micro.rows.tolist())
-            with self.engine.micro_batch(micro.unit_ids.to(self.device), sequence_length=inputs.input_ids.shape[1]):
-                with self.autocast:
-                    logits = self.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits
-                losses = per_example_loss(logits.float(), inputs.labels)
-                self.engine.backward(losses)
-            stats.add(losses.detach(), real_rows=micro.num_real_rows, tokens=inputs.num_tokens)
-        result = self.engine.pop_clipped_sum()
-        clipped = result.grads
-        stats.units = result.num_units  # a group unit's rows count once
-        stats.unit_norms = result.unit_norms.detach().cpu()
-        if self.world > 1:
-            for tensor in clipped.values():
-                dist.all_reduce(tensor)
-        if self.rank == 0:
-            source = noise_source(seed=self.randomness_key, step=self.step, rank=0, secure=self.plan.secure_rng)
-            # privacy-critical: noise std σ·C, added once per logical step to the sum over all ranks
-            clipped = add_noise(clipped, noise_multiplier=self.plan.noise_multiplier, clip_norm=self.plan.clip_norm,
-                                generator=source)
-        if self.world > 1:
-            for tensor in clipped.values():
-                dist.broadcast(tensor, src=0)
-        self.engine.set_grads(normalize(clipped, expected_batch_size=self.plan.expected_batch_size))
+
+        def micro_batches():  # built one at a time: only one micro-batch's inputs are alive
+            for micro in (m.without_padding() for m in batch.micro_batches):
+                inputs = self._inputs(micro.rows.tolist())
+                yield MicroBatchInputs(micro.unit_ids.to(self.device), (inputs, micro.num_real_rows),
+                                       sequence_length=inputs.input_ids.shape[1])
+
+        done = self.update.run(micro_batches(), self._loss_fn(stats), step=self.step)
+        stats.units = done.num_units  # a group unit's rows count once
+        stats.unit_norms = done.unit_norms.detach().cpu()
         return stats
 
     def _self_check(self, batch) -> None:
@@ -446,7 +441,7 @@ class FineTuneRecipe:
             self.log.close()
 
 
-def run_training(cfg: RunConfig, run_dir: Path, out: Path, *, train_key: str | None = None) -> dict:
+def run_training(cfg: TrainingRun, run_dir: Path, out: Path, *, train_key: str | None = None) -> dict:
     """The train stage: build the recipe, train, write the model into ``out`` (renamed to model/ by the caller)."""
     if cfg.train.method == "none":
         raise UserError("train.method=none has nothing to train", "choose full, lora, dp or dp-lora")

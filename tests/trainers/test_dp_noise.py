@@ -85,3 +85,71 @@ def test_normalize_divides_by_the_expected_batch_size():
         normalize({"a": torch.zeros(1)}, expected_batch_size=0.0)
     with pytest.raises(ValueError):
         normalize({"a": torch.zeros(1)}, expected_batch_size=math.nan)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The keyed source: every bit of a 128-bit key counts, chunks are independent of the thread count
+
+
+def test_the_keyed_twister_state_is_the_one_numpy_computes_from_the_key():
+    """Independent reference: numpy's MT19937 given the same 624 words yields the same stream torch draws from."""
+    from privtune.trainers.dp.noise import _DOMAIN_TAG, _keyed_generator
+
+    entropy = [_DOMAIN_TAG, 2**127 + 12345, 3, 0, 0]
+    g = _keyed_generator(entropy)
+    drawn = torch.empty(8, dtype=torch.int64).random_(0, 2**32, generator=g).tolist()
+    reference = np.random.MT19937()
+    state = reference.state
+    state["state"] = {"key": np.random.SeedSequence(entropy).generate_state(624, dtype=np.uint32), "pos": 624}
+    reference.state = state
+    raw = reference.random_raw(16).tolist()
+    assert drawn == raw[1::2]  # torch takes a 64-bit draw (two words) per value below 2**32: the low word
+
+
+def test_every_bit_of_a_128_bit_key_changes_the_noise():
+    """torch.Generator.manual_seed keeps 32 bits of a seed on the CPU; the keyed source must not."""
+    base = 2**127 + 99
+    ref = _draws(noise_source(seed=base, step=0, rank=0, secure=False), n=64)
+    for bit in (0, 31, 32, 63, 64, 100, 126):
+        other = _draws(noise_source(seed=base ^ (1 << bit), step=0, rank=0, secure=False), n=64)
+        assert not np.array_equal(ref, other), bit
+    assert not np.array_equal(_draws(noise_source(seed=7, step=0, secure=False), n=64),
+                              _draws(noise_source(seed=7 + 2**32, step=0, secure=False), n=64))
+
+
+def test_keyed_noise_spans_chunks_and_does_not_depend_on_the_thread_count():
+    from privtune.trainers.dp.noise import CHUNK
+
+    def draw(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            zero = {"a": torch.zeros(CHUNK + CHUNK // 2), "b": torch.zeros(3, CHUNK // 3 + 5)}
+            return add_noise(zero, noise_multiplier=1.0, clip_norm=1.0,
+                             generator=noise_source(seed=2**100 + 1, step=4, secure=False))
+        finally:
+            torch.set_num_threads(before)
+
+    one, two = draw(1), draw(2)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    flat = torch.cat([t.flatten() for t in one.values()]).double().numpy()
+    assert stats.kstest(flat[:200_000], "norm").pvalue > 1e-3
+    assert stats.kstest(flat[CHUNK - 100_000:CHUNK + 100_000], "norm").pvalue > 1e-3  # across a chunk border
+    assert not np.array_equal(flat[:1000], flat[CHUNK:CHUNK + 1000])  # chunks draw different streams
+
+
+def test_privatize_in_place_is_noise_then_normalize():
+    from privtune.trainers.dp.noise import privatize_
+
+    sums = {"w": torch.randn(40, 30, generator=torch.Generator().manual_seed(0)), "b": torch.randn(30)}
+    reference = normalize(add_noise(sums, noise_multiplier=SIGMA, clip_norm=C,
+                                    generator=noise_source(seed=2**90, step=2, secure=False)), expected_batch_size=12.5)
+    inplace = {k: v.clone() for k, v in sums.items()}
+    privatize_(inplace, noise_multiplier=SIGMA, clip_norm=C, expected_batch_size=12.5,
+               generator=noise_source(seed=2**90, step=2, secure=False))
+    for k in sums:
+        torch.testing.assert_close(inplace[k], reference[k], rtol=1e-6, atol=1e-7)
+    scaled = {k: v.clone() for k, v in sums.items()}
+    privatize_(scaled, noise_multiplier=SIGMA, clip_norm=C, expected_batch_size=12.5, generator=None)
+    for k in sums:  # a rank that draws no noise only scales
+        torch.testing.assert_close(scaled[k], sums[k] / 12.5)

@@ -80,3 +80,36 @@ def test_empty_step_updates_with_noise_only_and_optimizer_steps(dpref):
     optimizer.step()
     for n, p in engine.params.items():
         torch.testing.assert_close(p.detach(), before[n] - 0.1 * update[n].to(p.dtype))
+
+
+def test_the_step_object_releases_what_the_reference_pipeline_releases(dpref):
+    """DPStep (fused, in place) against engine -> add_noise -> normalize -> set_grads written out by hand."""
+    from privtune.trainers.dp.step import DPStep, MicroBatchInputs
+
+    model = dpref.tiny_model("tiny-llama", "lora")
+    data = dpref.make_batch(seed=4, lengths=[6, 3, 8, 5, 7, 2], width=8, unit_ids=list(range(6)), prompt=[1] * 6)
+    sampler = PoissonBatchSampler(6, sample_rate=0.7, steps=3, seed=2, micro_batch_size=4)
+    _, _, expected = dp_update(model, data, sampler, 1, clip_norm=0.4, sigma=0.9, seed=2**100 + 3)
+
+    engine = DPEngine(model, clip_norm=0.4)
+    step = DPStep(engine, noise_multiplier=0.9, expected_batch_size=sampler.expected_batch_size,
+                  randomness_key=2**100 + 3)
+
+    def loss_fn(rows):
+        ids, mask, labels = _rows(data, rows)
+        return per_example_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+
+    micro = [MicroBatchInputs(m.unit_ids, m.rows) for m in sampler.batch(1).micro_batches]
+    stats = step.run(micro, loss_fn, step=1)
+    assert stats.num_units == len(sampler.sample_units(1))
+    for name, p in engine.params.items():
+        torch.testing.assert_close(p.grad, expected[name].to(p.dtype), rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_needs_a_key_unless_the_noise_comes_from_the_os(dpref):
+    from privtune.trainers.dp.step import DPStep
+
+    engine = DPEngine(dpref.tiny_model("tiny-llama", "lora"), clip_norm=1.0)
+    with pytest.raises(ValueError, match="randomness key"):
+        DPStep(engine, noise_multiplier=1.0, expected_batch_size=4.0, randomness_key=None)
+    DPStep(engine, noise_multiplier=1.0, expected_batch_size=4.0, randomness_key=None, secure_rng=True)

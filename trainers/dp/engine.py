@@ -49,10 +49,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from .errors import DPInvariantError, DPRefusal
 from .rules import Capture, EmbeddingRule, GenericRule, LinearRule, Recorder, as_tokens, assign_rules
-from .terms import DenseTerm, Term, clipped_sum, embedding_term, linear_term, squared_norm, use_ghost
+from .terms import (
+    DenseTerm,
+    LinearTerm,
+    Term,
+    clipped_sum,
+    embedding_term,
+    linear_term,
+    squared_norm,
+    use_ghost,
+)
 from .units import UnitLayout
 
 CLIPPINGS = ("flat", "per_layer")
@@ -218,7 +228,8 @@ class DPEngine:
         self._backward_done = True
         # Trainable parameters do not require grad here: only activation gradients are computed (plus the
         # anchors' scalar .grad, discarded with the recorder).
-        torch.autograd.backward(loss.sum())
+        with record_function("dp.autograd"):
+            torch.autograd.backward(loss.sum())
         captures = self._recorder.captures
         self._recorder.captures = []
         try:
@@ -229,7 +240,8 @@ class DPEngine:
             with contextlib.ExitStack() as stack:
                 for device_type in sorted(device_types):
                     stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-                self._consume(captures, layout)
+                with record_function("dp.clip"):
+                    self._consume(captures, layout)
         finally:
             captures.clear()
         self._seen_units.update(layout.unit_labels.tolist())
@@ -256,17 +268,26 @@ class DPEngine:
         captures = [cap for cap in captures if cap.grad is not None]
         for cap in captures:  # before any computation: a tensor modified in place invalidates the micro-batch
             cap.check_unchanged()
+        shared_inputs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for cap in captures:
             rule = cap.rule
             if isinstance(rule, LinearRule):
                 module = rule.module
                 cdt = _accumulate_dtype(module.weight)
-                a = layout.real(as_tokens(cap.saved)).to(cdt)
+                # Layers fed the same tensor (q, k, v; gate, up) share its unit view and so its Gram matrix;
+                # same storage, shape, strides and dtype, unchanged since (check_unchanged), is the same value.
+                x = cap.saved
+                key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, cdt)
+                if key not in shared_inputs:
+                    a = layout.real(as_tokens(x)).to(cdt)
+                    shared_inputs[key] = (a, layout.to_units(a))
+                a, a_units = shared_inputs[key]
                 g = layout.real(as_tokens(cap.grad)).to(cdt)
                 if "weight" in rule.params:
                     ghost = use_ghost(a.shape[1] * layout.rows_per_unit, a.shape[2], g.shape[2],
                                       strategy=self.linear_strategy, force_instantiate=rule.force_instantiate)
-                    terms[self._param_names[id(module.weight)]].append(linear_term(a, g, layout, ghost=ghost))
+                    terms[self._param_names[id(module.weight)]].append(
+                        linear_term(a, g, layout, ghost=ghost, a_units=a_units))
                 if "bias" in rule.params:
                     terms[self._param_names[id(module.bias)]].append(DenseTerm(layout.sum_rows(g.sum(dim=1))))
             elif isinstance(rule, EmbeddingRule):
@@ -290,8 +311,11 @@ class DPEngine:
         self._check_coverage(captures)
         if layout.num_units == 0:  # an all-padding micro-batch: nothing to add
             return
-        terms = self._terms(captures, layout)
-        sq = {name: squared_norm(ts, layout) for name, ts in terms.items()}  # one parameter at a time
+        with record_function("dp.clip.norms"):
+            terms = self._terms(captures, layout)
+            grams: dict[int, torch.Tensor] = {}
+            sq = {name: squared_norm(ts, layout, grams=grams) for name, ts in terms.items()}  # one parameter at a time
+            del grams
         device = next(iter(self.params.values())).device
         total_sq = sum(v.to(device, torch.float64) for v in sq.values()).clamp(min=0.0)  # (U,)
         norms = total_sq.sqrt()
@@ -306,17 +330,23 @@ class DPEngine:
                     max=1.0
                 )
                 factors[name], clipped = f, clipped | (f < 1.0)
-        contributions = {}
-        for name, ts in terms.items():
-            p = self.params[name]
-            unit_f = factors[name].to(p.device)
-            row_f = layout.row_weights(unit_f)
-            contributions[name] = sum(clipped_sum(t, unit_f, row_f, p.shape).to(_accumulate_dtype(p)) for t in ts)
-        for name, contribution in contributions.items():  # all or nothing
-            if name in self._sums:
-                self._sums[name].add_(contribution)
-            else:
-                self._sums[name] = contribution.clone()
+        # Accumulated in place into the step's sums: if anything below raises, micro_batch() marks the step
+        # failed and pop_clipped_sum() refuses it, so a partly added micro-batch is never released.
+        with record_function("dp.clip.sum"):
+            row_factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one per distinct factor tensor
+            scaled: dict = {}  # row-scaled shared activations (see terms.clipped_sum)
+            for name, ts in terms.items():
+                p = self.params[name]
+                f = factors[name]
+                if id(f) not in row_factors:
+                    unit_f = f.to(p.device)
+                    row_factors[id(f)] = (unit_f, layout.row_weights(unit_f))
+                unit_f, row_f = row_factors[id(f)]
+                into = self._sums.get(name)  # None on a step's first micro-batch: the first matmul allocates it
+                for t in sorted(ts, key=lambda t: not isinstance(t, LinearTerm)):  # a matmul first: no zero fill
+                    into = clipped_sum(t, unit_f, row_f, p.shape, into=into, scaled=scaled)
+                self._sums[name] = into.to(_accumulate_dtype(p))
+            del scaled
         self._stat_ids.append(layout.unit_labels.clone())
         self._stat_norms.append(norms.detach().cpu())
         self._stat_clipped += int(clipped.sum())
@@ -353,10 +383,14 @@ class DPEngine:
             raise DPInvariantError("discard_step called inside a micro-batch", "call it after the with-block")
         self._reset_step()
 
-    def set_grads(self, update: dict[str, torch.Tensor]) -> None:
-        """Write a privatised update into ``param.grad`` (cast to the parameter's dtype) for the optimizer."""
+    def set_grads(self, update: dict[str, torch.Tensor], *, copy: bool = True) -> None:
+        """Write a privatised update into ``param.grad`` (cast to the parameter's dtype) for the optimizer.
+
+        ``copy=False``: a tensor already of the parameter's dtype and device becomes its ``.grad`` as it is (the
+        caller hands over ownership, as ``DPStep`` does with its own buffers)."""
         if set(update) != set(self.params):
             raise DPInvariantError("the update does not cover exactly the trainable parameters",
                                    "pass the dict returned by the noise stage unchanged")
         for name, p in self.params.items():
-            p.grad = update[name].to(device=p.device, dtype=p.dtype).clone()
+            grad = update[name].to(device=p.device, dtype=p.dtype)
+            p.grad = grad.clone() if copy and grad is update[name] else grad

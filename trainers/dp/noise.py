@@ -1,23 +1,30 @@
 """Gaussian noise for a logical step, and the normalisation of the noisy sum into an update.
 
-Owns: ``noise_source`` (where the noise comes from), ``add_noise`` (sum + N(0, (sigma C)^2) per coordinate,
-once per logical step) and ``normalize`` (divide by the *expected* batch size).
+Owns: the noise sources (``noise_source``: keyed or OS-CSPRNG), ``privatize_`` (in place: sum -> (sum + N(0,
+(sigma C)^2)) / (q N), one pass per chunk, the form the training step uses), and the two halves separately,
+``add_noise`` and ``normalize`` (a new dict each; for tests and references).
 
 What is sensitive: the clipped sum (a function of private data) before noise; the noise itself, if an
-adversary could predict it. After ``add_noise`` the result is a DP release for the accountant's (q, sigma, C).
+adversary could predict it. After the noise the result is a DP release for the accountant's (q, sigma, C).
 
 Sources (``noise_source(*, seed, step, rank, secure)``):
 
-- ``secure=False`` — counter-based: a ``torch.Generator`` on the tensors' device seeded with a 64-bit key derived
-  by ``numpy.random.SeedSequence`` from (seed, step, rank), so step k's noise does not depend on how many steps
-  ran before it (resume reproduces it) and ranks draw independent streams. torch's CPU generator is a Mersenne
-  Twister (CUDA: Philox): statistically fine, not cryptographically secure. The training recipe passes the run's
-  128-bit secret key as ``seed`` (drawn from the OS CSPRNG, kept only in checkpoints), so the noise is secret
-  while the key is; with ``privacy.reproducible`` it passes the public config seed, and anyone who knows it knows
-  the noise (tests and experiments, never a release).
-- ``secure=True`` — for real releases: every noise value is computed from bytes of the operating system's
+- ``secure=False`` — keyed: the noise of step k on stream r is a function of (key, k, r) only, so a resumed
+  run redraws step k's noise and ranks or shards draw independent streams. The values of all tensors of a step
+  are laid end to end (in the dict's order) and cut into chunks of ``CHUNK`` values; chunk c is drawn by torch's
+  CPU Mersenne Twister whose whole 624-word state is set from ``numpy.random.SeedSequence([tag, key, k, r, c])``.
+  Why the whole state: ``torch.Generator.manual_seed`` keeps only 32 bits of its seed on the CPU, which would
+  make a 128-bit key worth 32 bits; the state set here depends on every bit of the key (SeedSequence pools
+  128 bits). Chunks are independent, so they are drawn on several threads with the same result for any thread
+  count. The training recipe passes the run's 128-bit secret key as ``seed`` (OS CSPRNG, kept only in
+  checkpoints); under ``privacy.reproducible`` it passes the public config seed, and anyone who knows it knows
+  the noise (tests and experiments, never a release). The twister is a statistical generator, not a
+  cryptographic one: an adversary who saw many of its raw outputs could reconstruct its state; the released
+  model shows none of them, only their sum with private gradients. Tensors on an accelerator get their chunks
+  drawn on the CPU and copied (correct on any device; a device-side keyed generator would be faster).
+- ``secure=True`` — the hardened mode: every noise value is computed from bytes of the operating system's
   CSPRNG (``os.urandom``; on Linux ``getrandom``, ChaCha20) by the Box-Muller transform in float64 on the CPU,
-  then cast to the parameter's dtype and moved to its device. Not reproducible by design. What it rests on: the
+  then cast to the tensor's dtype and moved to its device. Not reproducible by design. What it rests on: the
   OS CSPRNG, and 53-bit uniforms; like every floating-point Gaussian sampler it is not hardened against
   floating-point precision attacks on the noise's low-order bits (Jin et al., 2022), and it is slow: 16 bytes
   of OS randomness and a float64 Box-Muller pair per 2 values, on the CPU.
@@ -31,46 +38,147 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 _DOMAIN_TAG = 0x6E6F697365  # "noise": keeps these seeds apart from the sampler's
+CHUNK = 1 << 20  # values per keyed chunk: public, fixed, so the noise never depends on the thread count
+_MT_WORDS = 624
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch's CPU generator state, written whole
+
+
+def _mt_state_layout() -> np.ndarray:
+    """A template of torch's CPU generator state, after checking where the 624 twister words sit in it.
+
+    torch serialises (initial seed u64, left i32, seeded i32, next u64, state u64[624], normal caches ...). The
+    check seeds a generator and compares the words with the twister's published initialisation; any other layout
+    is refused rather than guessed (a silently weaker generator behind a stated ε is the bug this avoids)."""
+    g = torch.Generator().manual_seed(12345)
+    raw = g.get_state().numpy().copy()
+    expected = [12345]
+    for i in range(1, _MT_WORDS):
+        prev = expected[-1]
+        expected.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
+    words = raw[24:24 + 8 * _MT_WORDS].view(np.uint64)
+    header = raw[8:16].view(np.int32)
+    if raw.size < 24 + 8 * _MT_WORDS or not (words == np.array(expected, dtype=np.uint64)).all() \
+            or list(header) != [1, 1]:
+        raise RuntimeError("this torch build stores its CPU generator state in an unknown layout, so the keyed "
+                           "noise cannot be set from a 128-bit key; set privacy.secure_rng: true")
+    return raw
+
+
+_TEMPLATE: np.ndarray | None = None
+
+
+def _keyed_generator(entropy: list[int]) -> torch.Generator:
+    """A CPU generator whose whole twister state is derived from ``entropy`` (every bit of it counts)."""
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        _TEMPLATE = _mt_state_layout()
+    raw = _TEMPLATE.copy()
+    words = np.random.SeedSequence(entropy).generate_state(_MT_WORDS, dtype=np.uint32)
+    raw[24:24 + 8 * _MT_WORDS] = words.astype(np.uint64).view(np.uint8)
+    raw[0:8] = 0  # the "initial seed" torch reports; not part of the stream
+    raw[8:16] = np.array([1, 1], dtype=np.int32).view(np.uint8)  # left=1: twist before the first output; seeded
+    raw[16:24] = 0  # next=0
+    raw[24 + 8 * _MT_WORDS:] = 0  # no cached Box-Muller value carried over from the template
+    g = torch.Generator()
+    g.set_state(torch.from_numpy(raw))
+    return g
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
 
 
 class NoiseSource:
-    """Draws standard normal tensors; one source per (step, rank)."""
+    """Draws the standard normal values of one (step, stream); see the module docstring."""
 
     secure: bool = False
 
-    def standard_normal(self, shape: torch.Size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def fill_(self, pieces: list[torch.Tensor], *, std: float, scale: float) -> None:
+        """In place, for each tensor t (contiguous, in order): t <- scale * t + N(0, std^2) per value."""
         raise NotImplementedError
 
 
 class CounterNoise(NoiseSource):
-    """Reproducible noise from a torch.Generator seeded with a key derived from (seed, step, rank)."""
+    """Keyed noise: chunk c of step k on stream r is drawn from a twister state derived from (seed, k, r, c)."""
 
     def __init__(self, *, seed: int, step: int, rank: int):
         for what, value in (("seed", seed), ("step", step), ("rank", rank)):
-            if not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{what} must be a non-negative int, got {value!r}")
-        state = np.random.SeedSequence([_DOMAIN_TAG, seed, step, rank]).generate_state(2, dtype=np.uint32)
-        self.key = (int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._entropy = [_DOMAIN_TAG, seed, step, rank]
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        device = torch.device(device)
-        if device not in self._generators:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.key)
-            self._generators[device] = g
-        return self._generators[device]
+    def fill_(self, pieces, *, std, scale):
+        sizes = [t.numel() for t in pieces]
+        total = sum(sizes)
+        starts = np.cumsum([0] + sizes)
+        tasks = []
+        for c in range(math.ceil(total / CHUNK)):
+            lo, hi = c * CHUNK, min(total, (c + 1) * CHUNK)
+            parts = []  # (tensor index, offset in tensor, offset in chunk, length)
+            j = int(np.searchsorted(starts, lo, side="right")) - 1
+            while j < len(pieces) and starts[j] < hi:
+                a, b = max(lo, starts[j]), min(hi, starts[j + 1])
+                if b > a:
+                    parts.append((j, int(a - starts[j]), int(a - lo), int(b - a)))
+                j += 1
+            tasks.append((c, hi - lo, parts))
+        flats = [t.view(-1) for t in pieces]
+        # float64 sums (fp64 models) get float64 noise; everything else is drawn in float32
+        draw_dtype = torch.float64 if any(t.dtype == torch.float64 for t in pieces) else torch.float32
 
-    def standard_normal(self, shape, *, dtype, device):
-        sample_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        out = torch.randn(shape, dtype=sample_dtype, device=device, generator=self._generator(device))
-        return out.to(dtype)
+        def draw(task):
+            c, length, parts = task
+            scratch = _scratch(length, draw_dtype)
+            scratch.normal_(0.0, std, generator=_keyed_generator(self._entropy + [c]))
+            for j, at, off, n in parts:
+                out = flats[j][at:at + n]
+                noise = scratch[off:off + n]
+                if out.device.type != "cpu" or out.dtype != draw_dtype:
+                    out.mul_(scale).add_(noise.to(device=out.device, dtype=out.dtype))
+                else:  # one pass: out = scale * out + noise
+                    torch.add(noise, out, alpha=scale, out=out)
+
+        if len(tasks) == 1 or torch.get_num_threads() == 1:
+            for task in tasks:
+                draw(task)
+        else:  # torch releases the GIL in normal_ and add: chunks fill on several cores
+            list(_pool().map(draw, tasks))
+
+
+_local = threading.local()
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One pool for the process, as wide as torch's intra-op threads (its threads keep their scratch buffers)."""
+    global _POOL
+    width = torch.get_num_threads()
+    if _POOL is None or _POOL[0] != width:
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=False)
+        _POOL = (width, ThreadPoolExecutor(width, thread_name_prefix="privtune-noise"))
+    return _POOL[1]
+
+
+def _scratch(length: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer of CHUNK values, reused across steps (no allocation per tensor or per step)."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    if dtype not in buffers:
+        buffers[dtype] = torch.empty(CHUNK, dtype=dtype)
+    return buffers[dtype][:length]
 
 
 class OsNoise(NoiseSource):
@@ -96,9 +204,14 @@ class OsNoise(NoiseSource):
             done += take
         return out.reshape(tuple(shape)).to(device)
 
+    def fill_(self, pieces, *, std, scale):
+        for t in pieces:
+            z = self.standard_normal(t.shape, dtype=torch.float64, device=torch.device("cpu"))
+            t.mul_(scale).add_((std * z).to(device=t.device, dtype=t.dtype))
+
 
 def noise_source(*, seed: int | None, step: int, rank: int = 0, secure: bool) -> NoiseSource:
-    """The noise source for one logical step on one rank (``secure=True`` ignores seed/step/rank)."""
+    """The noise source for one logical step on one stream (``secure=True`` ignores seed/step/rank)."""
     if secure:
         return OsNoise()
     if seed is None:
@@ -106,28 +219,64 @@ def noise_source(*, seed: int | None, step: int, rank: int = 0, secure: bool) ->
     return CounterNoise(seed=seed, step=step, rank=rank)
 
 
-def add_noise(
-    clipped_sum: Mapping[str, torch.Tensor],
-    *,
-    noise_multiplier: float,  # privacy: sigma
-    clip_norm: float,  # privacy: C, the per-unit sensitivity the sum was clipped to
-    generator: NoiseSource,
-) -> dict[str, torch.Tensor]:
-    """sum + N(0, (sigma * C)^2 I), added once per logical step, in the sum's dtype (fp32 / fp64)."""
+# ----------------------------------------------------------------------------------------------------------------
+# The mechanism
+
+
+def _check(noise_multiplier: float, clip_norm: float) -> None:
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
     if not (math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"clip_norm must be finite and > 0, got {clip_norm!r}")
-    std = noise_multiplier * clip_norm  # privacy-critical: the Gaussian mechanism's std for sensitivity C
-    noisy = {}
-    for name, tensor in clipped_sum.items():  # fixed (insertion) order: reproducible per (seed, step, rank)
-        noise = generator.standard_normal(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-        noisy[name] = tensor + std * noise
+
+
+def _check_batch(expected_batch_size: float) -> None:
+    if not (math.isfinite(expected_batch_size) and expected_batch_size > 0):
+        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
+
+
+def privatize_(
+    sums: Mapping[str, torch.Tensor],
+    *,
+    noise_multiplier: float,  # privacy: sigma
+    clip_norm: float,  # privacy: C, the per-unit sensitivity the sum was clipped to
+    expected_batch_size: float,  # privacy: q * N, public (never the sampled count)
+    generator: NoiseSource | None,  # None: this rank adds no noise (another rank adds it once), only scales
+) -> None:
+    """In place: each tensor s <- (s + N(0, (sigma C)^2 I)) / (q N), in its dtype, the noise drawn in one pass.
+
+    Computed as s / (qN) + N(0, (sigma C / qN)^2): the same distribution, with no temporary per tensor."""
+    _check(noise_multiplier, clip_norm)
+    _check_batch(expected_batch_size)
+    tensors = list(sums.values())  # fixed (insertion) order: the keyed noise depends on it
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError("privatize_ needs contiguous tensors (the clipped sums are)")
+    scale = 1.0 / expected_batch_size
+    if generator is None or noise_multiplier == 0.0:
+        for t in tensors:
+            t.mul_(scale)
+        return
+    # privacy-critical: the Gaussian mechanism's std for sensitivity C, carried through the division by q N
+    generator.fill_(tensors, std=noise_multiplier * clip_norm * scale, scale=scale)
+
+
+def add_noise(
+    clipped_sum: Mapping[str, torch.Tensor],
+    *,
+    noise_multiplier: float,  # privacy: sigma
+    clip_norm: float,  # privacy: C
+    generator: NoiseSource,
+) -> dict[str, torch.Tensor]:
+    """sum + N(0, (sigma * C)^2 I) as a new dict, in the sum's dtype (fp32 / fp64); the input is left untouched."""
+    _check(noise_multiplier, clip_norm)
+    noisy = {name: t.detach().clone(memory_format=torch.contiguous_format) for name, t in clipped_sum.items()}
+    if noise_multiplier > 0:
+        generator.fill_(list(noisy.values()), std=noise_multiplier * clip_norm, scale=1.0)
     return noisy
 
 
 def normalize(noisy_sum: Mapping[str, torch.Tensor], *, expected_batch_size: float) -> dict[str, torch.Tensor]:
     """Divide by the expected number of units per step, q * N (public), never by the sampled count."""
-    if not (math.isfinite(expected_batch_size) and expected_batch_size > 0):
-        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
+    _check_batch(expected_batch_size)
     return {name: t / expected_batch_size for name, t in noisy_sum.items()}

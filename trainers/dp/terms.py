@@ -67,8 +67,13 @@ def use_ghost(tokens_per_unit: int, d_in: int, d_out: int, *, strategy: str, for
     return 2 * tokens_per_unit * tokens_per_unit <= d_in * d_out
 
 
-def linear_term(a_rows: torch.Tensor, g_rows: torch.Tensor, layout: UnitLayout, *, ghost: bool) -> LinearTerm:
-    return LinearTerm(a_rows, g_rows, layout.to_units(a_rows), layout.to_units(g_rows), instantiate=not ghost)
+def linear_term(a_rows: torch.Tensor, g_rows: torch.Tensor, layout: UnitLayout, *, ghost: bool,
+                a_units: torch.Tensor | None = None) -> LinearTerm:
+    """``a_units``: the unit view of ``a_rows`` when another layer of the same input already built it (q, k and
+    v read one tensor); sharing the object lets ``squared_norm`` reuse its Gram matrices."""
+    if a_units is None:
+        a_units = layout.to_units(a_rows)
+    return LinearTerm(a_rows, g_rows, a_units, layout.to_units(g_rows), instantiate=not ghost)
 
 
 def norm_view(term: Term) -> Term:
@@ -78,12 +83,16 @@ def norm_view(term: Term) -> Term:
     return term
 
 
-def squared_norm(terms: list[Term], layout: UnitLayout) -> torch.Tensor:
-    """|sum_i P_i|^2 per unit for the terms of one parameter: sum_i |P_i|^2 + 2 sum_{i<j} <P_i, P_j>."""
+def squared_norm(terms: list[Term], layout: UnitLayout, *, grams: dict[int, torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+    """|sum_i P_i|^2 per unit for the terms of one parameter: sum_i |P_i|^2 + 2 sum_{i<j} <P_i, P_j>.
+
+    ``grams``: a cache of per-unit activation Gram matrices A A^T shared by the parameters of one micro-batch,
+    keyed by the identity of the A tensor (layers reading one input compute it once)."""
     views = [norm_view(t) for t in terms]  # instantiated gradients of this parameter only, freed on return
-    total = self_sq(views[0], layout)
+    total = self_sq(views[0], layout, grams=grams)
     for i in range(1, len(views)):
-        total = total + self_sq(views[i], layout)
+        total = total + self_sq(views[i], layout, grams=grams)
         for j in range(i):
             total = total + 2.0 * cross(views[i], views[j])
     return total
@@ -107,12 +116,18 @@ def _gram_product(x1: torch.Tensor, x2: torch.Tensor, y1: torch.Tensor, y2: torc
     return (torch.bmm(x1, x2.transpose(1, 2)) * torch.bmm(y1, y2.transpose(1, 2))).sum(dim=(1, 2))
 
 
-def self_sq(term: Term, layout: UnitLayout) -> torch.Tensor:
+def self_sq(term: Term, layout: UnitLayout, *, grams: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """|P|^2 per unit (linear terms: ghost identity; pass norm_view(term) to honour ``instantiate``)."""
     if isinstance(term, DenseTerm):
         return term.per_unit.flatten(1).pow(2).sum(dim=1)
     if isinstance(term, LinearTerm):
-        return _gram_product(term.a_units, term.a_units, term.g_units, term.g_units)
+        a = term.a_units
+        if grams is None:
+            return _gram_product(a, a, term.g_units, term.g_units)
+        if id(a) not in grams:
+            grams[id(a)] = torch.bmm(a, a.transpose(1, 2))
+        g = term.g_units
+        return (grams[id(a)] * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
     # Embedding: sum over distinct (unit, id) keys of |sum of G rows with that key|^2.
     row_unit = layout.real_unit(term.ids_rows.device)
     keys = (row_unit.unsqueeze(1) * term.num_embeddings + term.ids_rows).flatten()
@@ -159,9 +174,46 @@ def cross(t1: Term, t2: Term) -> torch.Tensor:
 # Clipped sums: sum_u c_u P_u, shaped like the parameter
 
 
-def clipped_sum(term: Term, unit_factor: torch.Tensor, row_factor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def clipped_sum(term: Term, unit_factor: torch.Tensor, row_factor: torch.Tensor, shape: torch.Size, *,
+                into: torch.Tensor | None = None, scaled: dict | None = None) -> torch.Tensor:
+    """sum_u c_u g_u of one term, shaped like its parameter; added in place to ``into`` when given (no temporary
+    of the parameter's size: the matmul and the index_add accumulate into it directly).
+
+    ``scaled``: a cache of row-scaled activations for one micro-batch, keyed by the identity of the activation
+    and factor tensors (under flat clipping q, k and v scale their shared input once)."""
     if isinstance(term, DenseTerm):
-        return torch.tensordot(unit_factor.to(term.per_unit.dtype), term.per_unit, dims=1).reshape(shape)
+        result = torch.tensordot(unit_factor.to(term.per_unit.dtype), term.per_unit, dims=1).reshape(shape)
+        return result if into is None else into.add_(result)
+    factor = row_factor.to(term.g_rows.dtype).view(-1, 1, 1)
+    if isinstance(term, LinearTerm):
+        # (c G)^T A = G^T (c A): scale whichever side is narrower (an LM head's G is vocabulary-wide)
+        g, a = term.g_rows, term.a_rows
+        if a.shape[-1] < g.shape[-1]:
+            key = (id(a), id(row_factor))
+            if scaled is None or key not in scaled:
+                scaled_a = a * factor
+                if scaled is not None:
+                    scaled[key] = scaled_a
+            a = scaled_a if scaled is None else scaled[key]
+        else:
+            g = g * factor
+        g_t, a = g.flatten(0, 1).transpose(0, 1), a.flatten(0, 1)
+        if into is None:
+            return (g_t @ a).reshape(shape)
+        into.view(g_t.shape[0], a.shape[1]).addmm_(g_t, a)
+        return into
+    g = term.g_rows * factor
+    if into is None:
+        out = g.new_zeros((term.num_embeddings, g.shape[-1]))
+        return out.index_add_(0, term.ids_rows.flatten(), g.flatten(0, 1)).reshape(shape)
+    into.view(term.num_embeddings, g.shape[-1]).index_add_(0, term.ids_rows.flatten(), g.flatten(0, 1))
+    return into
+    g = term.g_rows * factor
+    if into is None:
+        out = g.new_zeros((term.num_embeddings, g.shape[-1]))
+        return out.index_add_(0, term.ids_rows.flatten(), g.flatten(0, 1)).reshape(shape)
+    into.view(term.num_embeddings, g.shape[-1]).index_add_(0, term.ids_rows.flatten(), g.flatten(0, 1))
+    return into
     g = term.g_rows * row_factor.to(term.g_rows.dtype).view(-1, 1, 1)
     if isinstance(term, LinearTerm):
         return (g.flatten(0, 1).transpose(0, 1) @ term.a_rows.flatten(0, 1)).reshape(shape)
