@@ -190,3 +190,34 @@ def test_low_precision_keeps_the_sensitivity_bound(dpref, setting):
         assert result.clipped_fraction == 1.0 and float(result.unit_norms[0]) > clip_norm
         total = float(torch.sqrt(sum(g.double().pow(2).sum() for g in result.grads.values())))
         assert abs(total - clip_norm) <= 1e-4 * clip_norm, (unit, total)
+
+
+def test_llama_rms_norms_take_the_direct_formula_and_a_lookalike_falls_back(dpref):
+    """The RMSNorm shortcut is taken for the real class, and a class with the same name but another forward
+    (Gemma's (1 + w)) is caught on its first call and handled by the general torch.func path; both exact."""
+    import copy
+
+    from privtune.trainers.dp.rules import GenericRule
+
+    model = copy.deepcopy(dpref.cached_model("tiny-llama", "full", torch.float64))
+    batch = dpref.make_batch(seed=2, lengths=[5, 7, 3], width=7, unit_ids=[0, 1, 2], prompt=[0, 1, 0])
+
+    norm = model.model.norm
+
+    class LlamaRMSNorm(type(norm)):  # the same class name, another formula
+        def forward(self, x):
+            x32 = x.float()
+            xhat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (1.0 + self.weight) * xhat.to(x.dtype)
+
+    norm.__class__ = LlamaRMSNorm
+    units, unit_grads = dpref.reference_unit_grads(model, batch)
+    expected = dpref.reference_clipped_sum(unit_grads, clip_norm=1e-3, clipping="flat")
+    engine = DPEngine(model, clip_norm=1e-3)
+    with engine.micro_batch(batch.unit_ids):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        engine.backward(per_example_loss(logits, batch.labels))
+    dpref.assert_sums_close(engine.pop_clipped_sum().grads, expected, rtol=RTOL)
+    by_module = {rule.module: rule for rule in engine.rules if isinstance(rule, GenericRule)}
+    assert by_module[norm].rms_norm is False  # the lookalike fell back
+    assert all(rule.rms_norm for m, rule in by_module.items() if m is not norm)  # the real ones kept the formula

@@ -13,7 +13,8 @@ parameter, or a refusal), the three rules, and the ``Recorder`` their hooks writ
   LayerNorm, ...): saves its single tensor input and output gradient and, after the backward, runs a per-row
   vector-Jacobian product of the module's own forward w.r.t. its own parameters (``torch.func``: ``vmap`` of
   ``vjp`` over ``functional_call``). Its first call checks that the re-run reproduces the saved output
-  (catches randomness or hidden state).
+  (catches randomness or hidden state). Llama-style RMSNorms take a direct formula, sum_t g_t * xhat_t, after the
+  same check on their first call.
 
 Every forward call of a hooked module records one *capture*; a parameter used by several modules (tied
 embedding / LM head) or by a module called twice gets several captures, and the engine adds the cross terms.
@@ -212,6 +213,10 @@ class LinearRule(Rule):
         return self._record(x.detach(), output)
 
 
+# RMSNorm classes whose forward is y = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype) (Gemma's is (1 + w): not here)
+_LLAMA_RMSNORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm", "OlmoRMSNorm",
+                   "Olmo2RMSNorm", "GraniteRMSNorm", "SmolLM3RMSNorm")
+
 # Classes known to compute `F.embedding(ids, W) * embed_scale` (checked all the same on the first call).
 _KNOWN_SCALED = ("ScaledWordEmbedding",)
 
@@ -284,12 +289,44 @@ class GenericRule(Rule):
             capture.expected_version = capture.expected._version
         return capture_out
 
+    def __init__(self, name, module, params, recorder):
+        super().__init__(name, module, params, recorder)
+        # Llama-style RMSNorm, y = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype): its per-row weight gradient is
+        # sum_t g_t * xhat_t, computed directly instead of re-running the forward under vmap. Taken only for the
+        # classes below, and only while the formula reproduces the module's output (checked on its first call).
+        self.rms_norm = (type(module).__name__ in _LLAMA_RMSNORMS and set(params) == {"weight"}
+                         and params["weight"].dim() == 1 and isinstance(getattr(module, "variance_epsilon", None),
+                                                                         float))
+
+    def _rms_norm_grads(self, capture: Capture, *, rows) -> dict[str, torch.Tensor] | None:
+        x = rows(capture.saved)
+        x32 = x.float()
+        xhat = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.module.variance_epsilon)).to(x.dtype)
+        weight = self.params["weight"]
+        if capture.expected is not None:  # first call: does the formula reproduce the module's output?
+            expected = rows(capture.expected)
+            again = weight.detach() * xhat
+            if again.shape != expected.shape or not torch.allclose(again, expected.to(again.dtype),
+                                                                   **_EXACT_TOLERANCE):
+                self.rms_norm = False  # not this formula after all: the general path below handles it
+                return None
+            self.verified = True
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        g = rows(capture.grad).to(acc)
+        per_row = (g * xhat.to(acc)).reshape(g.shape[0], -1, g.shape[-1]).sum(dim=1)
+        return {"weight": per_row}
+
     def per_row_grads(self, capture: Capture, *, rows) -> dict[str, torch.Tensor]:
         """Per-row gradients {param name: (B_real, *shape)} of this module's own trainable parameters.
 
         ``rows`` selects the real rows of a (B, ...) tensor (padding rows are never touched).
         """
         from torch.func import functional_call, vjp, vmap
+
+        if self.rms_norm:
+            grads = self._rms_norm_grads(capture, rows=rows)
+            if grads is not None:
+                return grads
 
         kwargs = capture.kwargs
         expected = rows(capture.expected) if capture.expected is not None else None
