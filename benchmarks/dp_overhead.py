@@ -23,13 +23,13 @@ a failure), ``opacus-ghost-untied`` / ``dp-untied`` (LM head untied, +28M parame
 
 How it measures (benchmarks/dp_bench/measure.py): every configuration runs in its own worker process, so one's
 peak memory does not pollute another's. Per configuration: ``--warmup`` untimed steps, ``--steps`` timed steps
-(default: logical64 2, the others 3; median step time, time per token = total time / tokens), then one step
+(default: logical64 1, recipe 3, micro8x128 2; median step time, time per token = total time / tokens), then one step
 under ``torch.profiler`` whose ``record_function`` labels (those of the real code, plus the benchmark's own
 ``optimizer`` and ``opacus.*`` around its own calls) give the phase split. ``--mode sequential`` runs each
 configuration alone; ``--mode interleaved`` runs the compared configurations of a case as a group that takes its
 steps in turns (ABC, CBA, ...), for a shared machine; ``--mode auto`` (default) waits up to ``--max-wait`` s for
 the load average to drop below ``--max-load`` and picks sequential if it did. On this 2-core CPU the default run
-takes about two hours (logical64 dominates); ``--cases`` / ``--configs`` trim it.
+takes about 35 minutes on 2 CPU cores (logical64 dominates); ``--cases`` / ``--configs`` trim or extend it.
 
 Output: tables on stdout (rich; ``--json``: the raw JSON instead), the section between ``<!-- dp_overhead:start -->``
 and ``<!-- dp_overhead:end -->`` of ``--out`` (default benchmarks/RESULTS.md; other sections untouched; the
@@ -210,7 +210,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)} (default: all)")
     ap.add_argument("--configs", help="keep only these configurations (comma-separated), in every case that has them")
-    ap.add_argument("--steps", type=int, help="timed steps per configuration (default: logical64 2, others 3)")
+    ap.add_argument("--steps", type=int, help="timed steps per configuration (default: logical64 1, recipe 3, micro8x128 2)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (AdamW state allocation, page-ins)")
     ap.add_argument("--model", default="smollm2-135m", help="registry name (tiny-llama for smoke tests)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per row (micro8x128, logical64)")
