@@ -240,6 +240,17 @@ class _Synthetic:
         loss_sum, self._loss_sum = self._loss_sum, 0.0
         return {"tokens": self.tokens, "units": self.rows, "loss_sum": loss_sum}
 
+    def step(self, k: int, capture=None) -> dict:
+        """The real step object over this case's micro-batches, then AdamW (the same for both runners)."""
+        from torch.profiler import record_function
+
+        self.update.run(self.inputs, self.loss_fn, step=k)
+        _capture(capture, self.trainable)
+        with record_function("optimizer"):
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return self._result()
+
 
 class PlainRunner(_Synthetic):
     """full / lora: ``PlainStep(batch_size=rows of the logical step).run(micro-batches)``, then AdamW."""
@@ -251,17 +262,8 @@ class PlainRunner(_Synthetic):
 
         super().__init__(model, trainable, micro, autocast=autocast)
         self.update = PlainStep(trainable, batch_size=self.rows)
+        self.inputs = micro  # PlainStep takes the micro-batches as they are
         self.opt = torch.optim.AdamW(trainable, lr=opts.lr)
-
-    def step(self, k: int, capture=None) -> dict:
-        from torch.profiler import record_function
-
-        self.update.run(self.micro, self.loss_fn, step=k)
-        _capture(capture, self.trainable)
-        with record_function("optimizer"):
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        return self._result()
 
 
 class PrivtuneRunner(_Synthetic):
@@ -285,16 +287,6 @@ class PrivtuneRunner(_Synthetic):
             unit_ids = torch.arange(start, start + ids.shape[0], device=ids.device)
             self.inputs.append(MicroBatchInputs(unit_ids, batch, sequence_length=ids.shape[1]))
             start += ids.shape[0]
-
-    def step(self, k: int, capture=None) -> dict:
-        from torch.profiler import record_function
-
-        self.update.run(self.inputs, self.loss_fn, step=k)
-        _capture(capture, self.trainable)
-        with record_function("optimizer"):
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        return self._result()
 
 
 class OpacusRunner(_Synthetic):

@@ -208,14 +208,3 @@ def clipped_sum(term: Term, unit_factor: torch.Tensor, row_factor: torch.Tensor,
         return out.index_add_(0, term.ids_rows.flatten(), g.flatten(0, 1)).reshape(shape)
     into.view(term.num_embeddings, g.shape[-1]).index_add_(0, term.ids_rows.flatten(), g.flatten(0, 1))
     return into
-    g = term.g_rows * factor
-    if into is None:
-        out = g.new_zeros((term.num_embeddings, g.shape[-1]))
-        return out.index_add_(0, term.ids_rows.flatten(), g.flatten(0, 1)).reshape(shape)
-    into.view(term.num_embeddings, g.shape[-1]).index_add_(0, term.ids_rows.flatten(), g.flatten(0, 1))
-    return into
-    g = term.g_rows * row_factor.to(term.g_rows.dtype).view(-1, 1, 1)
-    if isinstance(term, LinearTerm):
-        return (g.flatten(0, 1).transpose(0, 1) @ term.a_rows.flatten(0, 1)).reshape(shape)
-    out = g.new_zeros((term.num_embeddings, g.shape[-1]))
-    return out.index_add_(0, term.ids_rows.flatten(), g.flatten(0, 1)).reshape(shape)
