@@ -8,6 +8,7 @@ is created, and ``data`` and ``sweep`` call it on all their runs before the firs
 Each rule lives where it is enforced at run time; preflight only calls it earlier, on what it can know cheaply:
 
 - DP settings that need only the config (``trainers.plan.check_privacy_settings``);
+- the parallel preset suits the launch and is tested with the method (``trainers.parallel.check_parallel``);
 - the model resolves locally and has weights and a tokenizer (``trainers.models.check_model_source``), and
   ``data.max_length`` fits its context (``model_context_length``: config.json only, no weights);
 - listed LoRA target modules match a module of the model (``trainers.lora.apply_lora`` on a meta-device skeleton);
@@ -63,9 +64,11 @@ def training_units(cfg: RunConfig) -> int:
 
 def preflight(cfg: RunConfig) -> None:
     """Cheap checks of everything a run needs, so bad input fails before any work starts."""
+    from privtune.trainers.parallel import check_parallel
     from privtune.trainers.plan import check_batch_size, check_privacy_settings, resolve_plan
 
     check_privacy_settings(cfg)
+    check_parallel(cfg)
     if cfg.data.source not in GENERATED and not Path(cfg.data.source).expanduser().exists():
         raise UserError(f"data source {cfg.data.source} does not exist",
                         "set data.source to a .jsonl or .csv file, a `datasets` directory, customersim or synbio")

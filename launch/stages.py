@@ -42,7 +42,7 @@ KEYED = {
 FREE = {
     "data": (),
     "model": ("train.checkpoint_every", "train.self_check_every", "performance.micro_batch_size",
-              "performance.num_threads"),
+              "performance.num_threads", "performance.parallel"),
     "eval": ("eval.batch_size", "eval.exposure_batch_size", "performance.num_threads"),
 }
 

@@ -1,7 +1,8 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped.
 
 Owns: ``checkpoints/step-N/`` folders holding the trainable weights (the adapter only for LoRA), optimizer and
-scheduler state, the RNG state of every rank, the step counter (which is also the sampler position: the
+scheduler state (written by the parallel preset: gathered ``trainable.safetensors`` + ``optimizer.pt``, or the
+engine's own sharded format), the RNG state of every rank, the step counter (which is also the sampler position: the
 Poisson sampler is counter-based), and the accountant/ledger state as of step N. A folder counts only with its
 ``COMPLETED`` marker; it is written to a temporary folder and renamed, so a kill at any moment leaves either the
 previous checkpoint or the new one, never half of one.
@@ -21,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-
-from privtune.atomic import staged_dir
 
 MARKER = "COMPLETED"
 
@@ -55,18 +54,47 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, extra: dict, rank_rng: list[dict],
+def save_weights_and_optimizer(directory: Path, weights: dict[str, torch.Tensor], *, optimizer: dict,
+                               scheduler: dict | None) -> None:
+    """The gathered form of a checkpoint's weights and optimizer state (any world size can load it)."""
+    save_file(weights, str(directory / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer, "scheduler": scheduler}, directory / "optimizer.pt")
+
+
+def load_weights_and_optimizer(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
+    state = torch.load(directory / "optimizer.pt", weights_only=False)
+    return load_file(str(directory / "trainable.safetensors")), state["optimizer"], state["scheduler"]
+
+
+def save_checkpoint(run_dir: Path, step: int, *, parallel, extra: dict, rank_rng: list[dict],
                     secret: dict | None = None) -> Path:
-    """Write ``checkpoints/step-{step}`` atomically; ``extra`` holds JSON-able state (accountant, ledger, counters),
-    ``secret`` what must never leave the checkpoint (the DP run's randomness key), stored in ``state.pt`` only."""
+    """Collective: write ``checkpoints/step-{step}`` atomically. ``parallel.save_state`` writes the weights and
+    optimizer state (every rank, for sharded formats) into a staging folder; rank 0 adds ``extra`` (JSON-able:
+    ledger, counters), the RNG state of every rank and ``secret`` (the DP run's randomness key, in ``state.pt``
+    only), then the marker, and renames the folder into place."""
+    import torch.distributed as dist
+
     final = run_dir / "checkpoints" / f"step-{step}"
-    with staged_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": rank_rng, "secret": secret or {}}, tmp / "state.pt")
-        (tmp / "extra.json").write_text(json.dumps({"step": step, **extra}, indent=2, sort_keys=True))
-        (tmp / MARKER).write_text(f"{step}\n")
+    staging = final.parent / f".{final.name}.partial"  # one name every rank can find (a shared file system)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    if distributed:
+        dist.barrier()
+    parallel.save_state(staging)
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        torch.save({"rng": rank_rng, "secret": secret or {}}, staging / "state.pt")
+        (staging / "extra.json").write_text(json.dumps({"step": step, **extra}, indent=2, sort_keys=True))
+        (staging / MARKER).write_text(f"{step}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    if distributed:
+        dist.barrier()
     return final
 
 
@@ -78,20 +106,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name[5:]), default=None)
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> tuple[dict, list[dict]]:
-    """Restore weights, optimizer and scheduler in place; return (extra, per-rank RNG states)."""
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [name for name in weights if name not in params]
-    if missing:
-        raise RuntimeError(f"checkpoint {path} has parameters the model lacks: {missing[:3]}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+def load_checkpoint(path: Path, *, parallel) -> tuple[dict, list[dict]]:
+    """Collective: restore weights, optimizer and scheduler in place; return (extra, per-rank RNG states)."""
+    parallel.load_state(path)
     state = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
     extra = json.loads((path / "extra.json").read_text())
     return extra, state["rng"]
 

@@ -22,6 +22,11 @@ from privtune.corpora.config import DataConfig
 
 Method = Literal["none", "full", "lora", "dp", "dp-lora"]
 DP_METHODS = ("dp", "dp-lora")
+# How the model is spread over the processes of a launch (trainers/parallel/): one process; data parallel with
+# replicated weights; FSDP2 (parameters, gradients and optimizer state sharded along dim 0); DeepSpeed ZeRO
+# stage 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters), 3 with optimizer state offloaded to CPU.
+Parallel = Literal["single", "ddp", "fsdp2", "zero1", "zero2", "zero3", "zero3-offload"]
+PARALLEL_PRESETS: tuple[str, ...] = ("single", "ddp", "fsdp2", "zero1", "zero2", "zero3", "zero3-offload")
 
 
 class ModelConfig(Strict):
@@ -95,6 +100,8 @@ class PerformanceConfig(Strict):
     micro_batch_size: int = Field(8, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
     num_threads: int | None = Field(None, ge=1)
+    # ddp under one process is the single-process run; "single" refuses a multi-process launch.
+    parallel: Parallel = "ddp"
 
 
 class TrainingRun(Protocol):

@@ -93,14 +93,12 @@ class FineTuneRecipe:
         self.train_data = load_prepared(self.run_dir / "data").train
         torch.manual_seed(cfg.seed)  # the same initial weights (LoRA adapters included) on every rank
         model, self.tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
-        self.model, self.trainable = prepare_trainable(model, cfg.train.method, cfg.train.lora)
+        model, _ = prepare_trainable(model, cfg.train.method, cfg.train.lora)
         torch.manual_seed(cfg.seed + 1 + self.rank)  # per-rank streams from here on (dropout)
-        self.model.to(self.device)
-        self.model.train()
-        self.num_trainable = trainable_parameter_count(self.model)
-        self.optimizer = self._optimizer()
-        warmup = cfg.train.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        model.to(self.device)
+        model.train()
+        self.num_trainable = trainable_parameter_count(model)
+        self._setup_parallel(model)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.performance.precision == "bf16")
         if self.is_dp:
@@ -113,7 +111,8 @@ class FineTuneRecipe:
             self.batches = ShuffledBatches(n, batch_size=cfg.train.batch_size, seed=cfg.seed,
                                            micro_batch_size=cfg.performance.micro_batch_size,
                                            world_size=self.world, rank=self.rank)
-            self.update = PlainStep(self.trainable, batch_size=self.batches.batch_size, world_size=self.world)
+            self.update = PlainStep(batch_size=self.batches.batch_size, backward=self.parallel.plain_backward,
+                                    finish=self.parallel.finish_plain_step)
             self.ledger = self._open_ledger(unit="example", num_units=n)
         self.step = 0
         self._resume()
@@ -121,15 +120,42 @@ class FineTuneRecipe:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        t = self.cfg.train
-        if t.optimizer == "adamw":
-            return torch.optim.AdamW(self.trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
-        return torch.optim.SGD(self.trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+    def _setup_parallel(self, model: torch.nn.Module) -> None:
+        """Wrap the model for performance.parallel; from here on forwards run through ``self.model`` and the
+        optimizer holds the preset's parameters (sharded DTensors under fsdp2)."""
+        from privtune.trainers.parallel import build_parallel, check_launch
+        from privtune.trainers.parallel.fsdp2 import decoder_layers
+        from privtune.trainers.parallel.launch_configs import write_launch_configs
+
+        cfg = self.cfg
+        preset = cfg.performance.parallel
+        check_launch(preset, world_size=self.world, device_type=self.device.type)
+        t, warmup = cfg.train, cfg.train.warmup_steps
+
+        def make_optimizer(params):
+            if t.optimizer == "adamw":
+                return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+            return torch.optim.SGD(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+        def make_scheduler(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+
+        layers = decoder_layers(model)
+        layer_class = type(layers[0]).__name__ if layers else None  # before FSDP2 renames the class
+        self.parallel = build_parallel(preset, model, make_optimizer=make_optimizer, make_scheduler=make_scheduler,
+                                       rank=self.rank, world_size=self.world, precision=cfg.performance.precision,
+                                       is_dp=self.is_dp)
+        if self.rank == 0:  # the launcher configs this preset implies, for users to read and reuse
+            write_launch_configs(self.run_dir, preset=preset, num_processes=self.world,
+                                 precision=cfg.performance.precision, layer_class=layer_class,
+                                 deepspeed=getattr(self.parallel, "deepspeed_config", None))
+        self.model, self.trainable = self.parallel.model, self.parallel.trainable
+        self.scheduler = self.parallel.scheduler
+        self.sharded = preset not in ("single", "ddp")
 
     def _setup_dp(self) -> None:
         from privtune.trainers.dp import DPEngine, PoissonBatchSampler
-        from privtune.trainers.dp.step import DPStep, ReplicatedReduction
+        from privtune.trainers.dp.step import DPStep
         from privtune.trainers.plan import resolve_plan
 
         cfg, data = self.cfg, self.train_data
@@ -148,7 +174,7 @@ class FineTuneRecipe:
         self.update = DPStep(self.engine, noise_multiplier=self.plan.noise_multiplier,
                              expected_batch_size=self.plan.expected_batch_size,
                              randomness_key=self.randomness_key, secure_rng=self.plan.secure_rng,
-                             reduction=ReplicatedReduction(rank=self.rank, world_size=self.world))
+                             reduction=self.parallel.reduction())
         self.sampler = PoissonBatchSampler(num_units, sample_rate=self.plan.sample_rate, steps=self.plan.steps,
                                            seed=self.randomness_key, micro_batch_size=cfg.performance.micro_batch_size,
                                            unit_rows=unit_rows, world_size=self.world, rank=self.rank)
@@ -190,7 +216,7 @@ class FineTuneRecipe:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return
-        extra, rngs = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        extra, rngs = load_checkpoint(ckpt, parallel=self.parallel)
         self.step = self.last_checkpoint = extra["step"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         if self.ledger is not None:
@@ -230,9 +256,7 @@ class FineTuneRecipe:
                 learning_rate = self.scheduler.get_last_lr()[0]
                 stats = self._dp_step() if self.is_dp else self._plain_step()  # leaves the update in .grad
                 self._check_every_parameter_has_a_gradient()
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.parallel.step()  # optimizer + scheduler; ZeRO checks that the update it applied is ours
                 self.step += 1
                 self._count_step()
                 self._log_step(stats, learning_rate=learning_rate, seconds=time.perf_counter() - step_started)
@@ -287,7 +311,10 @@ class FineTuneRecipe:
 
     def _check_every_parameter_has_a_gradient(self) -> None:
         """Guardrail: an optimizer step must update every trainable parameter (opacus #820: LoRA never updated)."""
-        missing = [i for i, p in enumerate(self.trainable) if p.grad is None or not torch.isfinite(p.grad).all()]
+        if self.cfg.performance.parallel.startswith("zero"):
+            return  # DeepSpeed holds the update in its partitions: its preset checks the step it applied
+        local = [getattr(p.grad, "_local_tensor", p.grad) for p in self.trainable]  # FSDP2: this rank's shard
+        missing = [i for i, g in enumerate(local) if g is None or not torch.isfinite(g).all()]
         if missing:
             names = {id(p): n for n, p in self.model.named_parameters()}
             raise RuntimeError(f"step {self.step}: no finite gradient for "
@@ -324,7 +351,9 @@ class FineTuneRecipe:
         batch = self.sampler.batch(self.step)
         stats = StepStats()
         every = self.cfg.train.self_check_every
-        if every is not None and (self.step == self.first_step or self.step % every == 0):
+        if every is not None and not self.sharded and (self.step == self.first_step or self.step % every == 0):
+            # Not under sharding: its plain-autograd backward would enter the engine's collectives on some ranks
+            # only. The sharded step is checked against brute force by tests/trainers/test_parallel_*.py.
             self._self_check(batch)
 
         def micro_batches():  # built one at a time: only one micro-batch's inputs are alive
@@ -377,12 +406,12 @@ class FineTuneRecipe:
             extra = {"ledger": self.ledger.state_dict() if self.ledger is not None else None,
                      "train_key": self.train_key}
             secret = {"randomness_key": self.randomness_key} if self.is_dp and not self.plan.reproducible else None
-            save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                            scheduler=self.scheduler, extra=extra, rank_rng=rngs, secret=secret)
+        else:
+            extra = secret = None
+        save_checkpoint(self.run_dir, self.step, parallel=self.parallel, extra=extra, rank_rng=rngs, secret=secret)
+        if self.rank == 0:
             prune_checkpoints(self.run_dir)
         self.last_checkpoint = self.step
-        if self.world > 1:
-            dist.barrier()
 
     def guarantee(self) -> Guarantee:
         if not self.is_dp:
@@ -397,7 +426,29 @@ class FineTuneRecipe:
                      "(privacy.reproducible), so this ε holds only against someone without the run's config.")
         return Guarantee(self.plan.epsilon, self.plan.delta, self.plan.accountant, self.plan.unit, note)
 
-    def save_model(self, out: Path, stats: dict) -> None:
+    def released_model(self) -> torch.nn.Module | None:
+        """Collective. Rank 0: an ordinary (unsharded) model holding the trained weights, for save_pretrained;
+        under a sharded preset the trainable weights are gathered into a freshly built copy of the model."""
+        if not self.sharded:
+            return self.model if self.rank == 0 else None
+        state = self.parallel.full_trainable_state()
+        if self.rank != 0:
+            return None
+        from privtune.trainers.lora import prepare_trainable
+        from privtune.trainers.models import load_model
+
+        torch.manual_seed(self.cfg.seed)
+        model, _ = load_model(self.cfg.model.name, dtype=self.cfg.model.dtype, seed=self.cfg.seed)
+        model, _ = prepare_trainable(model, self.cfg.train.method, self.cfg.train.lora)
+        params = dict(model.named_parameters())
+        if set(state) - set(params):
+            raise RuntimeError(f"gathered weights the model lacks: {sorted(set(state) - set(params))[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value.to(params[name].dtype))
+        return model
+
+    def save_model(self, out: Path, stats: dict, model: torch.nn.Module) -> None:
         """Write model/ and efficiency.json into ``out`` (rank 0)."""
         from privtune.accounting.events import NonPrivateEvent
 
@@ -409,7 +460,7 @@ class FineTuneRecipe:
             self.ledger.record(NonPrivateEvent(reason=reason, steps=self.step), stage=STAGE)
         training = self.ledger.find(stage=STAGE, run_id=self.cfg.name) if self.is_dp and self.plan.formal else None
         # The card pins the ledger as it stands at release: `privtune budget` refuses a ledger changed since.
-        save_model_dir(out, self.model, self.tokenizer, method=self.cfg.train.method, base_model=self.cfg.model.name,
+        save_model_dir(out, model, self.tokenizer, method=self.cfg.train.method, base_model=self.cfg.model.name,
                        data_source=self.cfg.data.source, guarantee=self.guarantee(), steps=self.step,
                        ledger=self._ledger_pin(training), event=training.event.to_dict() if training else None)
         seconds = stats["seconds"]
@@ -422,6 +473,7 @@ class FineTuneRecipe:
             "peak_memory_bytes": stats["peak_memory_bytes"],
             "trainable_parameters": self.num_trainable,
             "world_size": self.world,
+            "parallel": self.cfg.performance.parallel,
             "device": str(self.device),
         }
         if self.is_dp:
@@ -449,8 +501,9 @@ def run_training(cfg: TrainingRun, run_dir: Path, out: Path, *, train_key: str |
     recipe.setup()
     try:
         stats = recipe.train()
+        released = recipe.released_model()  # collective under sharding: the weights are gathered to rank 0
         if recipe.rank == 0:
-            recipe.save_model(out, stats)
+            recipe.save_model(out, stats, released)
         return stats
     finally:
         recipe.cleanup()

@@ -261,7 +261,7 @@ class PlainRunner(_Synthetic):
         from privtune.trainers.plain_step import PlainStep
 
         super().__init__(model, trainable, micro, autocast=autocast)
-        self.update = PlainStep(trainable, batch_size=self.rows)
+        self.update = PlainStep(batch_size=self.rows)
         self.inputs = micro  # PlainStep takes the micro-batches as they are
         self.opt = torch.optim.AdamW(trainable, lr=opts.lr)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -24,7 +25,7 @@ def _draws(source, n=N, dtype=torch.float32) -> np.ndarray:
 @pytest.mark.parametrize("secure", [False, True])
 def test_noise_std_is_sigma_times_c(secure):
     """KS accepts N(0, (sigma C)^2) and rejects std scaled by 2/3 and 3/2 (fixed seed for the reproducible source)."""
-    x = _draws(noise_source(seed=1234, step=7, rank=0, secure=secure))
+    x = _draws(noise_source(seed=1234, step=7, secure=secure))
     assert len(x) == N
     # The OS source is not seedable: its acceptance threshold is set so a false alarm is a 1-in-10^5 event.
     assert stats.kstest(x / (SIGMA * C), "norm").pvalue > (1e-5 if secure else 1e-3)
@@ -41,15 +42,14 @@ def test_noise_is_added_to_the_sum_in_its_dtype():
     assert torch.equal(base["a"], torch.arange(6, dtype=torch.float64).view(2, 3))  # input left untouched
 
 
-def test_counter_seeds_reproduce_per_step_and_rank():
-    def draw(seed, step, rank):
-        return _draws(noise_source(seed=seed, step=step, rank=rank, secure=False), n=64)
+def test_counter_seeds_reproduce_per_step_and_differ_per_parameter():
+    def draw(seed, step):
+        return _draws(noise_source(seed=seed, step=step, secure=False), n=64)
 
-    assert np.array_equal(draw(5, 3, 0), draw(5, 3, 0))  # resume at step 3 redraws step 3's noise
-    others = [draw(5, 4, 0), draw(5, 3, 1), draw(6, 3, 0)]
-    for other in others:
-        assert not np.array_equal(draw(5, 3, 0), other)
-    # parameters of one step get different noise (one generator stream, consumed in order)
+    assert np.array_equal(draw(5, 3), draw(5, 3))  # resume at step 3 redraws step 3's noise
+    for other in (draw(5, 4), draw(6, 3)):
+        assert not np.array_equal(draw(5, 3), other)
+    # parameters of one step get different noise (the parameter index is part of the key)
     noisy = add_noise({"p": torch.zeros(64), "q": torch.zeros(64)}, noise_multiplier=1.0, clip_norm=1.0,
                       generator=noise_source(seed=5, step=3, secure=False))
     assert not torch.equal(noisy["p"], noisy["q"])
@@ -95,7 +95,7 @@ def test_the_keyed_twister_state_is_the_one_numpy_computes_from_the_key():
     """Independent reference: numpy's MT19937 given the same 624 words yields the same stream torch draws from."""
     from privtune.trainers.dp.noise import _DOMAIN_TAG, _keyed_generator
 
-    entropy = [_DOMAIN_TAG, 2**127 + 12345, 3, 0, 0]
+    entropy = [_DOMAIN_TAG, 2**127 + 12345, 3, 0, 0]  # (tag, key, step, parameter, block)
     g = _keyed_generator(entropy)
     drawn = torch.empty(8, dtype=torch.int64).random_(0, 2**32, generator=g).tolist()
     reference = np.random.MT19937()
@@ -109,22 +109,22 @@ def test_the_keyed_twister_state_is_the_one_numpy_computes_from_the_key():
 def test_every_bit_of_a_128_bit_key_changes_the_noise():
     """torch.Generator.manual_seed keeps 32 bits of a seed on the CPU; the keyed source must not."""
     base = 2**127 + 99
-    ref = _draws(noise_source(seed=base, step=0, rank=0, secure=False), n=64)
+    ref = _draws(noise_source(seed=base, step=0, secure=False), n=64)
     for bit in (0, 31, 32, 63, 64, 100, 126):
-        other = _draws(noise_source(seed=base ^ (1 << bit), step=0, rank=0, secure=False), n=64)
+        other = _draws(noise_source(seed=base ^ (1 << bit), step=0, secure=False), n=64)
         assert not np.array_equal(ref, other), bit
     assert not np.array_equal(_draws(noise_source(seed=7, step=0, secure=False), n=64),
                               _draws(noise_source(seed=7 + 2**32, step=0, secure=False), n=64))
 
 
-def test_keyed_noise_spans_chunks_and_does_not_depend_on_the_thread_count():
-    from privtune.trainers.dp.noise import CHUNK
+def test_keyed_noise_spans_blocks_and_does_not_depend_on_the_thread_count():
+    from privtune.trainers.dp.noise import BLOCK
 
     def draw(threads):
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            zero = {"a": torch.zeros(CHUNK + CHUNK // 2), "b": torch.zeros(3, CHUNK // 3 + 5)}
+            zero = {"a": torch.zeros(BLOCK + BLOCK // 2), "b": torch.zeros(3, BLOCK // 3 + 5)}
             return add_noise(zero, noise_multiplier=1.0, clip_norm=1.0,
                              generator=noise_source(seed=2**100 + 1, step=4, secure=False))
         finally:
@@ -132,24 +132,44 @@ def test_keyed_noise_spans_chunks_and_does_not_depend_on_the_thread_count():
 
     one, two = draw(1), draw(2)
     assert all(torch.equal(one[k], two[k]) for k in one)
-    flat = torch.cat([t.flatten() for t in one.values()]).double().numpy()
+    flat = one["a"].double().numpy()
     assert stats.kstest(flat[:200_000], "norm").pvalue > 1e-3
-    assert stats.kstest(flat[CHUNK - 100_000:CHUNK + 100_000], "norm").pvalue > 1e-3  # across a chunk border
-    assert not np.array_equal(flat[:1000], flat[CHUNK:CHUNK + 1000])  # chunks draw different streams
+    assert stats.kstest(flat[BLOCK - 100_000:BLOCK + 100_000], "norm").pvalue > 1e-3  # across a block border
+    assert not np.array_equal(flat[:1000], flat[BLOCK:BLOCK + 1000])  # blocks draw different streams
+    assert stats.kstest(one["b"].flatten().double().numpy(), "norm").pvalue > 1e-3
+
+
+@pytest.mark.parametrize("cuts", [[1], [7, 300], [(1 << 20) - 3, (1 << 20) + 11]])
+def test_noise_drawn_in_pieces_equals_the_noise_drawn_whole(cuts):
+    """A shard or partition holding coordinates [a, b) of a parameter gets exactly those coordinates' noise, so
+    the release does not depend on the world size or the layout (cuts inside and across a block border)."""
+    from privtune.trainers.dp.noise import BLOCK, Piece, whole
+
+    shapes = [(BLOCK + 40,), (6, 50)]
+    full = [torch.zeros(s) for s in shapes]
+    noise_source(seed=2**77 + 5, step=9, secure=False).fill_(whole(full), std=1.0, scale=1.0)
+    for index, shape in enumerate(shapes):
+        numel = math.prod(shape)
+        bounds = [0] + [c for c in cuts if c < numel] + [numel]
+        pieces = [Piece(torch.zeros(b - a), index, numel, offset=a) for a, b in itertools.pairwise(bounds)]
+        noise_source(seed=2**77 + 5, step=9, secure=False).fill_(pieces, std=1.0, scale=1.0)
+        assert torch.equal(torch.cat([p.tensor for p in pieces]), full[index].flatten())
+    with pytest.raises(ValueError, match="outside"):
+        Piece(torch.zeros(5), 0, 4)
 
 
 def test_privatize_in_place_is_noise_then_normalize():
-    from privtune.trainers.dp.noise import privatize_
+    from privtune.trainers.dp.noise import privatize_, whole
 
     sums = {"w": torch.randn(40, 30, generator=torch.Generator().manual_seed(0)), "b": torch.randn(30)}
     reference = normalize(add_noise(sums, noise_multiplier=SIGMA, clip_norm=C,
                                     generator=noise_source(seed=2**90, step=2, secure=False)), expected_batch_size=12.5)
     inplace = {k: v.clone() for k, v in sums.items()}
-    privatize_(inplace, noise_multiplier=SIGMA, clip_norm=C, expected_batch_size=12.5,
+    privatize_(whole(inplace.values()), noise_multiplier=SIGMA, clip_norm=C, expected_batch_size=12.5,
                generator=noise_source(seed=2**90, step=2, secure=False))
     for k in sums:
         torch.testing.assert_close(inplace[k], reference[k], rtol=1e-6, atol=1e-7)
     scaled = {k: v.clone() for k, v in sums.items()}
-    privatize_(scaled, noise_multiplier=SIGMA, clip_norm=C, expected_batch_size=12.5, generator=None)
+    privatize_(whole(scaled.values()), noise_multiplier=SIGMA, clip_norm=C, expected_batch_size=12.5, generator=None)
     for k in sums:  # a rank that draws no noise only scales
         torch.testing.assert_close(scaled[k], sums[k] / 12.5)

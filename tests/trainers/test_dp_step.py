@@ -42,7 +42,7 @@ def dp_update(model, data, sampler, step, *, clip_norm, sigma, seed):
             engine.backward(per_example_loss(model(input_ids=ids, attention_mask=mask).logits, labels))
     clipped = engine.pop_clipped_sum()
     noisy = add_noise(clipped.grads, noise_multiplier=sigma, clip_norm=clip_norm,
-                      generator=noise_source(seed=seed, step=step, rank=0, secure=False))
+                      generator=noise_source(seed=seed, step=step, secure=False))
     return engine, clipped, normalize(noisy, expected_batch_size=sampler.expected_batch_size)
 
 

@@ -22,7 +22,7 @@ and stays inside these modules; the sampled unit set is secret too.
 from .engine import CLIPPINGS, LINEAR_STRATEGIES, ClippedSum, DPEngine
 from .errors import DPInvariantError, DPRefusal
 from .loss import per_example_loss
-from .noise import CounterNoise, NoiseSource, OsNoise, add_noise, noise_source, normalize
+from .noise import CounterNoise, NoiseSource, OsNoise, Piece, add_noise, noise_source, normalize, whole
 from .sampling import LogicalBatch, MicroBatch, PoissonBatchSampler, secret_seed
 from .units import UnitLayout
 
@@ -40,7 +40,9 @@ __all__ = [
     "OsNoise",
     "PoissonBatchSampler",
     "UnitLayout",
+    "Piece",
     "add_noise",
+    "whole",
     "noise_source",
     "normalize",
     "per_example_loss",

@@ -52,7 +52,16 @@ from torch import nn
 from torch.profiler import record_function
 
 from .errors import DPInvariantError, DPRefusal
-from .rules import Capture, EmbeddingRule, GenericRule, LinearRule, Recorder, as_tokens, assign_rules
+from .rules import (
+    Capture,
+    EmbeddingRule,
+    GenericRule,
+    LinearRule,
+    Recorder,
+    as_tokens,
+    assign_rules,
+    full_shape,
+)
 from .terms import (
     DenseTerm,
     LinearTerm,
@@ -139,7 +148,7 @@ class DPEngine:
         if not params:
             raise DPRefusal("no trainable parameters", "unfreeze the parameters to fine-tune")
         self.params = params
-        self._param_names = {id(p): n for n, p in params.items()}
+        self.shapes = {name: full_shape(p) for name, p in params.items()}  # whole shapes, also when sharded
         self._recorder = Recorder()
         self._rules = assign_rules(model, params, self._recorder)
         self._thresholds = self._per_param_thresholds()
@@ -286,23 +295,22 @@ class DPEngine:
                 if "weight" in rule.params:
                     ghost = use_ghost(a.shape[1] * layout.rows_per_unit, a.shape[2], g.shape[2],
                                       strategy=self.linear_strategy, force_instantiate=rule.force_instantiate)
-                    terms[self._param_names[id(module.weight)]].append(
-                        linear_term(a, g, layout, ghost=ghost, a_units=a_units))
+                    terms[rule.names["weight"]].append(linear_term(a, g, layout, ghost=ghost, a_units=a_units))
                 if "bias" in rule.params:
-                    terms[self._param_names[id(module.bias)]].append(DenseTerm(layout.sum_rows(g.sum(dim=1))))
+                    terms[rule.names["bias"]].append(DenseTerm(layout.sum_rows(g.sum(dim=1))))
             elif isinstance(rule, EmbeddingRule):
                 module = rule.module
                 cdt = _accumulate_dtype(module.weight)
                 ids = layout.real(cap.saved.reshape(cap.saved.shape[0], -1)).long()
                 g = layout.real(cap.grad.reshape(cap.grad.shape[0], ids.shape[1], -1)).to(cdt)
-                terms[self._param_names[id(module.weight)]].append(
+                terms[rule.names["weight"]].append(
                     embedding_term(ids, g, layout, num_embeddings=module.num_embeddings,
                                    padding_idx=module.padding_idx, scale=rule.scale())
                 )
             elif isinstance(rule, GenericRule):
-                for pname, per_row in rule.per_row_grads(cap, rows=layout.real).items():
-                    p = rule.params[pname]
-                    terms[self._param_names[id(p)]].append(DenseTerm(layout.sum_rows(per_row.to(_accumulate_dtype(p)))))
+                for attr, per_row in rule.per_row_grads(cap, rows=layout.real).items():
+                    p = rule.params[attr]
+                    terms[rule.names[attr]].append(DenseTerm(layout.sum_rows(per_row.to(_accumulate_dtype(p)))))
             else:  # pragma: no cover - assign_rules only builds the three rules above
                 raise DPInvariantError(f"no term for {rule.describe()}", "report this bug")
         return terms
@@ -344,7 +352,7 @@ class DPEngine:
                 unit_f, row_f = row_factors[id(f)]
                 into = self._sums.get(name)  # None on a step's first micro-batch: the first matmul allocates it
                 for t in sorted(ts, key=lambda t: not isinstance(t, LinearTerm)):  # a matmul first: no zero fill
-                    into = clipped_sum(t, unit_f, row_f, p.shape, into=into, scaled=scaled)
+                    into = clipped_sum(t, unit_f, row_f, self.shapes[name], into=into, scaled=scaled)
                 self._sums[name] = into.to(_accumulate_dtype(p))
             del scaled
         self._stat_ids.append(layout.unit_labels.clone())
@@ -363,7 +371,7 @@ class DPEngine:
         for name, p in self.params.items():
             grads[name] = self._sums.get(name)
             if grads[name] is None:
-                grads[name] = torch.zeros(p.shape, dtype=_accumulate_dtype(p), device=p.device)
+                grads[name] = torch.zeros(self.shapes[name], dtype=_accumulate_dtype(p), device=p.device)
         ids = torch.cat(self._stat_ids) if self._stat_ids else torch.zeros(0, dtype=torch.long)
         norms = torch.cat(self._stat_norms) if self._stat_norms else torch.zeros(0, dtype=torch.float64)
         result = ClippedSum(
@@ -391,6 +399,15 @@ class DPEngine:
         if set(update) != set(self.params):
             raise DPInvariantError("the update does not cover exactly the trainable parameters",
                                    "pass the dict returned by the noise stage unchanged")
+        from torch.distributed.tensor import DTensor
+
         for name, p in self.params.items():
-            grad = update[name].to(device=p.device, dtype=p.dtype)
-            p.grad = grad.clone() if copy and grad is update[name] else grad
+            value = update[name]
+            if isinstance(p, DTensor) != isinstance(value, DTensor) or (isinstance(p, DTensor) and (
+                    value.placements != p.placements or value.shape != p.shape or value.device_mesh != p.device_mesh)):
+                # a plain tensor on a DTensor parameter is accepted here by torch and fails only in optimizer.step()
+                raise DPInvariantError(f"the update of {name} is not in its parameter's form (sharded DTensor "
+                                       "with the same placements and shape, or a plain tensor)",
+                                       "let the parallel engine's Reduction build the update")
+            grad = value.to(device=p.device, dtype=p.dtype)
+            p.grad = grad.clone() if copy and grad is value else grad

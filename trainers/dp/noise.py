@@ -1,26 +1,30 @@
 """Gaussian noise for a logical step, and the normalisation of the noisy sum into an update.
 
-Owns: the noise sources (``noise_source``: keyed or OS-CSPRNG), ``privatize_`` (in place: sum -> (sum + N(0,
+Owns: the noise sources (``noise_source``: keyed or OS-CSPRNG), ``Piece`` (which coordinates a tensor holds),
+``privatize_`` (in place: sum -> (sum + N(0,
 (sigma C)^2)) / (q N), one pass per chunk, the form the training step uses), and the two halves separately,
 ``add_noise`` and ``normalize`` (a new dict each; for tests and references).
 
 What is sensitive: the clipped sum (a function of private data) before noise; the noise itself, if an
 adversary could predict it. After the noise the result is a DP release for the accountant's (q, sigma, C).
 
-Sources (``noise_source(*, seed, step, rank, secure)``):
+Sources (``noise_source(*, seed, step, secure)``), filling ``Piece`` s (which coordinates of which parameter a
+tensor holds):
 
-- ``secure=False`` — keyed: the noise of step k on stream r is a function of (key, k, r) only, so a resumed
-  run redraws step k's noise and ranks or shards draw independent streams. The values of all tensors of a step
-  are laid end to end (in the dict's order) and cut into chunks of ``CHUNK`` values; chunk c is drawn by torch's
-  CPU Mersenne Twister whose whole 624-word state is set from ``numpy.random.SeedSequence([tag, key, k, r, c])``.
-  Why the whole state: ``torch.Generator.manual_seed`` keeps only 32 bits of its seed on the CPU, which would
-  make a 128-bit key worth 32 bits; the state set here depends on every bit of the key (SeedSequence pools
-  128 bits). Chunks are independent, so they are drawn on several threads with the same result for any thread
-  count. The training recipe passes the run's 128-bit secret key as ``seed`` (OS CSPRNG, kept only in
-  checkpoints); under ``privacy.reproducible`` it passes the public config seed, and anyone who knows it knows
-  the noise (tests and experiments, never a release). The twister is a statistical generator, not a
-  cryptographic one: an adversary who saw many of its raw outputs could reconstruct its state; the released
-  model shows none of them, only their sum with private gradients. Tensors on an accelerator get their chunks
+- ``secure=False`` — keyed: the noise of step k is a function of (key, k) and of the coordinate it lands on, so a
+  resumed run redraws step k's noise, and it does not depend on how many processes there are or how the sum is
+  sharded over them. Each parameter's sum (by its index in the step's fixed parameter order, flattened row-major)
+  is cut into blocks of ``BLOCK`` values; block b of parameter i is drawn whole, by torch's CPU Mersenne Twister
+  whose 624-word state is set from ``numpy.random.SeedSequence([tag, key, k, i, b])``, and a rank that owns only
+  part of the block (a shard, a partition) keeps its part. One process, 2 ranks of FSDP2 or 8 of ZeRO-3 thus add
+  the very same value to each coordinate. Why the whole state: ``torch.Generator.manual_seed`` keeps only 32 bits
+  of its seed on the CPU, which would make a 128-bit key worth 32 bits; the state set here depends on every bit
+  of the key (SeedSequence pools 128 bits). Blocks are independent, so they are drawn on several threads with the
+  same result for any thread count. The training recipe passes the run's 128-bit secret key as ``seed`` (OS
+  CSPRNG, kept only in checkpoints); under ``privacy.reproducible`` it passes the public config seed, and anyone
+  who knows it knows the noise (tests and experiments, never a release). The twister is a statistical generator,
+  not a cryptographic one: an adversary who saw many of its raw outputs could reconstruct its state; the released
+  model shows none of them, only their sum with private gradients. Tensors on an accelerator get their blocks
   drawn on the CPU and copied (correct on any device; a device-side keyed generator would be faster).
 - ``secure=True`` — the hardened mode: every noise value is computed from bytes of the operating system's
   CSPRNG (``os.urandom``; on Linux ``getrandom``, ChaCha20) by the Box-Muller transform in float64 on the CPU,
@@ -39,14 +43,16 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 _DOMAIN_TAG = 0x6E6F697365  # "noise": keeps these seeds apart from the sampler's
-CHUNK = 1 << 20  # values per keyed chunk: public, fixed, so the noise never depends on the thread count
+BLOCK = 1 << 20  # values per keyed block of a parameter: public and fixed, so the noise never depends on the
+# thread count, the world size or the sharding
 _MT_WORDS = 624
 
 
@@ -99,60 +105,73 @@ def _keyed_generator(entropy: list[int]) -> torch.Generator:
 # Sources
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A tensor holding values ``[offset, offset + tensor.numel())`` of parameter ``parameter``'s flattened sum,
+    which has ``numel`` values in all. One process holds whole parameters (``offset = 0``); a shard holds a slice."""
+
+    tensor: torch.Tensor
+    parameter: int  # index in the step's fixed parameter order (the engine's trainable order)
+    numel: int
+    offset: int = 0
+
+    def __post_init__(self):
+        if not (0 <= self.offset and self.offset + self.tensor.numel() <= self.numel):
+            raise ValueError(f"piece [{self.offset}, {self.offset + self.tensor.numel()}) lies outside parameter "
+                             f"{self.parameter}'s {self.numel} values")
+
+
+def whole(tensors: Iterable[torch.Tensor]) -> list[Piece]:
+    """Each tensor as the whole of the parameter at its position (one process, or replicated ranks)."""
+    return [Piece(t, i, t.numel()) for i, t in enumerate(tensors)]
+
+
 class NoiseSource:
-    """Draws the standard normal values of one (step, stream); see the module docstring."""
+    """Draws the standard normal values of one step; see the module docstring."""
 
     secure: bool = False
 
-    def fill_(self, pieces: list[torch.Tensor], *, std: float, scale: float) -> None:
-        """In place, for each tensor t (contiguous, in order): t <- scale * t + N(0, std^2) per value."""
+    def fill_(self, pieces: Sequence[Piece], *, std: float, scale: float) -> None:
+        """In place, for each piece's tensor t (contiguous): t <- scale * t + N(0, std^2) per value."""
         raise NotImplementedError
 
 
 class CounterNoise(NoiseSource):
-    """Keyed noise: chunk c of step k on stream r is drawn from a twister state derived from (seed, k, r, c)."""
+    """Keyed noise: block b of parameter i in step k is drawn from a twister state derived from (seed, k, i, b)."""
 
-    def __init__(self, *, seed: int, step: int, rank: int):
-        for what, value in (("seed", seed), ("step", step), ("rank", rank)):
+    def __init__(self, *, seed: int, step: int):
+        for what, value in (("seed", seed), ("step", step)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{what} must be a non-negative int, got {value!r}")
-        self._entropy = [_DOMAIN_TAG, seed, step, rank]
+        self._entropy = [_DOMAIN_TAG, seed, step]
 
     def fill_(self, pieces, *, std, scale):
-        sizes = [t.numel() for t in pieces]
-        total = sum(sizes)
-        starts = np.cumsum([0] + sizes)
-        tasks = []
-        for c in range(math.ceil(total / CHUNK)):
-            lo, hi = c * CHUNK, min(total, (c + 1) * CHUNK)
-            parts = []  # (tensor index, offset in tensor, offset in chunk, length)
-            j = int(np.searchsorted(starts, lo, side="right")) - 1
-            while j < len(pieces) and starts[j] < hi:
-                a, b = max(lo, starts[j]), min(hi, starts[j + 1])
-                if b > a:
-                    parts.append((j, int(a - starts[j]), int(a - lo), int(b - a)))
-                j += 1
-            tasks.append((c, hi - lo, parts))
-        flats = [t.view(-1) for t in pieces]
-        # float64 sums (fp64 models) get float64 noise; everything else is drawn in float32
-        draw_dtype = torch.float64 if any(t.dtype == torch.float64 for t in pieces) else torch.float32
+        tasks = []  # (piece, block, start of the piece's part within the block, its length, offset in the piece)
+        for piece in pieces:
+            lo, hi = piece.offset, piece.offset + piece.tensor.numel()
+            for block in range(lo // BLOCK, math.ceil(hi / BLOCK)):
+                a, b = max(lo, block * BLOCK), min(hi, (block + 1) * BLOCK)
+                tasks.append((piece, block, a - block * BLOCK, b - a, a - lo))
 
         def draw(task):
-            c, length, parts = task
-            scratch = _scratch(length, draw_dtype)
-            scratch.normal_(0.0, std, generator=_keyed_generator(self._entropy + [c]))
-            for j, at, off, n in parts:
-                out = flats[j][at:at + n]
-                noise = scratch[off:off + n]
-                if out.device.type != "cpu" or out.dtype != draw_dtype:
-                    out.mul_(scale).add_(noise.to(device=out.device, dtype=out.dtype))
-                else:  # one pass: out = scale * out + noise
-                    torch.add(noise, out, alpha=scale, out=out)
+            piece, block, start, length, at = task
+            out = piece.tensor.view(-1)[at:at + length]
+            # float64 sums (fp64 models) get float64 noise; everything else is drawn in float32
+            draw_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+            # The whole block is drawn (its size depends only on the parameter), so every rank that holds a part
+            # of it sees the same values: torch's normal_ output depends on the length drawn.
+            scratch = _scratch(min(BLOCK, piece.numel - block * BLOCK), draw_dtype)
+            scratch.normal_(0.0, std, generator=_keyed_generator(self._entropy + [piece.parameter, block]))
+            noise = scratch[start:start + length]
+            if out.device.type != "cpu" or out.dtype != draw_dtype:
+                out.mul_(scale).add_(noise.to(device=out.device, dtype=out.dtype))
+            else:  # one pass: out = scale * out + noise
+                torch.add(noise, out, alpha=scale, out=out)
 
         if len(tasks) == 1 or torch.get_num_threads() == 1:
             for task in tasks:
                 draw(task)
-        else:  # torch releases the GIL in normal_ and add: chunks fill on several cores
+        else:  # torch releases the GIL in normal_ and add: blocks fill on several cores
             list(_pool().map(draw, tasks))
 
 
@@ -172,12 +191,12 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _scratch(length: int, dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread buffer of CHUNK values, reused across steps (no allocation per tensor or per step)."""
+    """A per-thread buffer of BLOCK values, reused across steps (no allocation per tensor or per step)."""
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}
     if dtype not in buffers:
-        buffers[dtype] = torch.empty(CHUNK, dtype=dtype)
+        buffers[dtype] = torch.empty(BLOCK, dtype=dtype)
     return buffers[dtype][:length]
 
 
@@ -205,18 +224,18 @@ class OsNoise(NoiseSource):
         return out.reshape(tuple(shape)).to(device)
 
     def fill_(self, pieces, *, std, scale):
-        for t in pieces:
+        for t in (piece.tensor for piece in pieces):
             z = self.standard_normal(t.shape, dtype=torch.float64, device=torch.device("cpu"))
             t.mul_(scale).add_((std * z).to(device=t.device, dtype=t.dtype))
 
 
-def noise_source(*, seed: int | None, step: int, rank: int = 0, secure: bool) -> NoiseSource:
-    """The noise source for one logical step on one stream (``secure=True`` ignores seed/step/rank)."""
+def noise_source(*, seed: int | None, step: int, secure: bool) -> NoiseSource:
+    """The noise source for one logical step (``secure=True`` ignores seed and step)."""
     if secure:
         return OsNoise()
     if seed is None:
         raise ValueError("a reproducible noise source needs a seed (or secure=True)")
-    return CounterNoise(seed=seed, step=step, rank=rank)
+    return CounterNoise(seed=seed, step=step)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,29 +255,28 @@ def _check_batch(expected_batch_size: float) -> None:
 
 
 def privatize_(
-    sums: Mapping[str, torch.Tensor],
+    pieces: Sequence[Piece],
     *,
     noise_multiplier: float,  # privacy: sigma
     clip_norm: float,  # privacy: C, the per-unit sensitivity the sum was clipped to
     expected_batch_size: float,  # privacy: q * N, public (never the sampled count)
-    generator: NoiseSource | None,  # None: this rank adds no noise (another rank adds it once), only scales
+    generator: NoiseSource | None,  # None: this rank adds no noise to these pieces (another rank does), only scales
 ) -> None:
-    """In place: each tensor s <- (s + N(0, (sigma C)^2 I)) / (q N), in its dtype, the noise drawn in one pass.
+    """In place: each piece s <- (s + N(0, (sigma C)^2 I)) / (q N), in its dtype, the noise drawn in one pass.
 
     Computed as s / (qN) + N(0, (sigma C / qN)^2): the same distribution, with no temporary per tensor."""
     _check(noise_multiplier, clip_norm)
     _check_batch(expected_batch_size)
-    tensors = list(sums.values())  # fixed (insertion) order: the keyed noise depends on it
-    for t in tensors:
-        if not t.is_contiguous():
+    for piece in pieces:
+        if not piece.tensor.is_contiguous():
             raise ValueError("privatize_ needs contiguous tensors (the clipped sums are)")
     scale = 1.0 / expected_batch_size
     if generator is None or noise_multiplier == 0.0:
-        for t in tensors:
-            t.mul_(scale)
+        for piece in pieces:
+            piece.tensor.mul_(scale)
         return
     # privacy-critical: the Gaussian mechanism's std for sensitivity C, carried through the division by q N
-    generator.fill_(tensors, std=noise_multiplier * clip_norm * scale, scale=scale)
+    generator.fill_(pieces, std=noise_multiplier * clip_norm * scale, scale=scale)
 
 
 def add_noise(
@@ -272,7 +290,7 @@ def add_noise(
     _check(noise_multiplier, clip_norm)
     noisy = {name: t.detach().clone(memory_format=torch.contiguous_format) for name, t in clipped_sum.items()}
     if noise_multiplier > 0:
-        generator.fill_(list(noisy.values()), std=noise_multiplier * clip_norm, scale=1.0)
+        generator.fill_(whole(noisy.values()), std=noise_multiplier * clip_norm, scale=1.0)
     return noisy
 
 

@@ -63,6 +63,7 @@ class Capture:
     expected: torch.Tensor | None = None  # GenericRule, first call only: the output the re-run must reproduce
     expected_version: int = -1
     autocast: tuple[str, bool, torch.dtype] | None = None  # GenericRule: the forward's autocast state
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # GenericRule: the weights the forward used
 
     def set_grad(self, g: torch.Tensor) -> None:
         g = g.detach()
@@ -127,11 +128,21 @@ class Recorder:
 # Rules
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape: DeepSpeed ZeRO-3 keeps a (0,)-shaped placeholder and the shape in ``ds_shape``;
+    an FSDP2 DTensor reports its global shape already."""
+    return torch.Size(getattr(p, "ds_shape", p.shape))
+
+
 class Rule:
     kind = "rule"
 
-    def __init__(self, name: str, module: nn.Module, params: dict[str, nn.Parameter], recorder: Recorder):
+    def __init__(self, name: str, module: nn.Module, params: dict[str, nn.Parameter], recorder: Recorder,
+                 names: dict[str, str] | None = None):
         self.name, self.module, self.params, self.recorder = name, module, params, recorder
+        # attribute -> the engine's parameter name. Under FSDP2 / ZeRO-3 the tensor a forward sees in
+        # module.weight is a gathered copy, not the registered parameter, so terms are keyed by name, never by id.
+        self.names = names or {attr: attr for attr in params}
         self.verified = False
 
     def describe(self) -> str:
@@ -179,8 +190,8 @@ class Rule:
 class LinearRule(Rule):
     kind = "linear"
 
-    def __init__(self, name, module, params, recorder):
-        super().__init__(name, module, params, recorder)
+    def __init__(self, name, module, params, recorder, names=None):
+        super().__init__(name, module, params, recorder, names)
         # LoRA factors: per-sample gradients are tiny (r x d), instantiating them is always the cheap choice.
         self.force_instantiate = any(part in _LORA_PARTS for part in name.split("."))
         # A plain nn.Linear is x @ W.T + b by construction, unless its forward was replaced on the instance.
@@ -224,8 +235,8 @@ _KNOWN_SCALED = ("ScaledWordEmbedding",)
 class EmbeddingRule(Rule):
     kind = "embedding"
 
-    def __init__(self, name, module, params, recorder):
-        super().__init__(name, module, params, recorder)
+    def __init__(self, name, module, params, recorder, names=None):
+        super().__init__(name, module, params, recorder, names)
         if module.max_norm is not None:
             raise DPRefusal(f"{self.describe()} has max_norm set (it renormalises weights in place)",
                             "set max_norm=None or freeze the embedding")
@@ -281,28 +292,32 @@ class GenericRule(Rule):
         x = self._single_input(args, kwargs)
         output = self._output(output)
         capture_out = self._record(x.detach(), output, kwargs=dict(kwargs))
+        capture = self.recorder.captures[-1]
         kind = x.device.type
-        self.recorder.captures[-1].autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        capture.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        # The weights as this forward used them: under FSDP2 / ZeRO-3 they are gathered only during the module's
+        # forward and resharded before the backward, when the per-row gradients are computed (norm weights: small).
+        capture.weights = {attr: getattr(module, attr).detach().clone() for attr in self.params}
         if not self.verified:
-            capture = self.recorder.captures[-1]
             capture.expected = output.detach()
             capture.expected_version = capture.expected._version
         return capture_out
 
-    def __init__(self, name, module, params, recorder):
-        super().__init__(name, module, params, recorder)
+    def __init__(self, name, module, params, recorder, names=None):
+        super().__init__(name, module, params, recorder, names)
+        self._bare: nn.Module | None = None
         # Llama-style RMSNorm, y = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype): its per-row weight gradient is
         # sum_t g_t * xhat_t, computed directly instead of re-running the forward under vmap. Taken only for the
         # classes below, and only while the formula reproduces the module's output (checked on its first call).
         self.rms_norm = (type(module).__name__ in _LLAMA_RMSNORMS and set(params) == {"weight"}
-                         and params["weight"].dim() == 1 and isinstance(getattr(module, "variance_epsilon", None),
+                         and len(full_shape(params["weight"])) == 1 and isinstance(getattr(module, "variance_epsilon", None),
                                                                          float))
 
     def _rms_norm_grads(self, capture: Capture, *, rows) -> dict[str, torch.Tensor] | None:
         x = rows(capture.saved)
         x32 = x.float()
         xhat = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.module.variance_epsilon)).to(x.dtype)
-        weight = self.params["weight"]
+        weight = capture.weights["weight"]
         if capture.expected is not None:  # first call: does the formula reproduce the module's output?
             expected = rows(capture.expected)
             again = weight.detach() * xhat
@@ -315,6 +330,23 @@ class GenericRule(Rule):
         g = rows(capture.grad).to(acc)
         per_row = (g * xhat.to(acc)).reshape(g.shape[0], -1, g.shape[-1]).sum(dim=1)
         return {"weight": per_row}
+
+    def _hook_free(self) -> nn.Module:
+        """A shallow copy of the module without its hooks, for re-running its forward: the sharding engines hook
+        every module (DeepSpeed ZeRO-3 would gather parameters inside torch.func's trace)."""
+        if self._bare is None:
+            import copy
+            from collections import OrderedDict
+
+            bare = copy.copy(self.module)
+            for attr in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                         "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                         "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+                if hasattr(bare, attr):
+                    setattr(bare, attr, OrderedDict())
+            bare._parameters = OrderedDict(self.module._parameters)  # functional_call swaps these: not the original's
+            self._bare = bare
+        return self._bare
 
     def per_row_grads(self, capture: Capture, *, rows) -> dict[str, torch.Tensor]:
         """Per-row gradients {param name: (B_real, *shape)} of this module's own trainable parameters.
@@ -330,8 +362,8 @@ class GenericRule(Rule):
 
         kwargs = capture.kwargs
         expected = rows(capture.expected) if capture.expected is not None else None
-        params = {n: p.detach() for n, p in self.params.items()}
-        module = self.module
+        params = capture.weights
+        module = self._hook_free()
 
         def row(x_row: torch.Tensor, g_row: torch.Tensor):
             def f(p):
@@ -380,19 +412,19 @@ def assign_rules(model: nn.Module, trainable: dict[str, nn.Parameter], recorder:
         if not own:
             continue
         where = f"module '{mod_name}' ({type(module).__name__})"
+        names = {attr: by_id[id(p)] for attr, p in own.items()}
         if isinstance(module, nn.Linear):
-            rule: Rule = LinearRule(mod_name, module, own, recorder)
+            rule: Rule = LinearRule(mod_name, module, own, recorder, names)
         elif isinstance(module, nn.Embedding):
-            rule = EmbeddingRule(mod_name, module, own, recorder)
+            rule = EmbeddingRule(mod_name, module, own, recorder, names)
         elif isinstance(module, (nn.ParameterDict, nn.ParameterList)) or any(True for _ in module.children()):
-            names = ", ".join(by_id[id(p)] for p in own.values())
             raise DPRefusal(
-                f"trainable parameter(s) {names} are owned directly by {where}, which the DP engine has no "
+                f"trainable parameter(s) {', '.join(names.values())} are owned directly by {where}, which the DP engine has no "
                 "per-sample rule for (it has child modules or is a parameter container)",
                 "freeze them (requires_grad=False) or move them into a leaf module",
             )
         else:
-            rule = GenericRule(mod_name, module, own, recorder)
+            rule = GenericRule(mod_name, module, own, recorder, names)
         covered.update(id(p) for p in own.values())
         rules.append(rule)
     missing = [name for name, p in trainable.items() if id(p) not in covered]
@@ -404,4 +436,5 @@ def assign_rules(model: nn.Module, trainable: dict[str, nn.Parameter], recorder:
     return rules
 
 
-__all__ = ["Capture", "EmbeddingRule", "GenericRule", "LinearRule", "Recorder", "Rule", "as_tokens", "assign_rules"]
+__all__ = ["Capture", "EmbeddingRule", "GenericRule", "LinearRule", "Recorder", "Rule", "as_tokens", "assign_rules",
+           "full_shape"]

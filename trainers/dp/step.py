@@ -1,15 +1,16 @@
 """One DP-SGD step, written once: micro-batches -> clipped sum -> reduce over ranks -> noise -> normalise -> .grad.
 
 Owns: ``DPStep`` (the step every DP trainer runs: the recipe, the benchmarks, the sharded and TRL trainers of
-later stages), ``Reduction`` (how the ranks' clipped sums become one release, and which rank draws which part
-of the noise) and ``ReplicatedReduction`` (every rank holds every parameter: one process, or data parallel
-without sharding). A sharded engine brings its own ``Reduction`` (reduce-scatter, then each shard's owner draws
-that shard's noise on its own stream) and leaves the rest of the step unchanged.
+later stages), ``Reduction`` (how the ranks' clipped sums become one release, and which rank adds the noise of
+which coordinates) and ``ReplicatedReduction`` (every rank holds every parameter: one process, or data parallel
+without sharding). A sharded engine brings its own ``Reduction`` (``trainers/parallel/``: reduce-scatter, then
+each shard's owner adds the noise of the coordinates it holds) and leaves the rest of the step unchanged.
 
 What is sensitive: the per-unit gradients and their clipped sum (functions of private examples) exist only
 inside ``run`` until the noise is in; the sampled units and the noise key are secret. The invariant every
 ``Reduction`` keeps: each coordinate of the released sum gets noise of std sigma * C exactly once, summed over
-all ranks, from a stream no other coordinate uses in that step.
+all ranks. The keyed noise of a coordinate depends only on (key, step, parameter, coordinate) (``noise.py``), so
+one process and any sharding over any number of ranks release the same update.
 
 Profiler labels (``torch.profiler.record_function``), so benchmarks read the phases of the real step:
 ``dp.forward``, ``dp.backward`` (inside: ``dp.autograd`` activation gradients, ``dp.clip`` norms and clipped sums),
@@ -27,9 +28,9 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from .engine import DPEngine
-from .noise import noise_source, privatize_
+from .noise import Piece, noise_source, privatize_, whole
 
-Privatize = Callable[[dict[str, torch.Tensor], "int | None"], None]
+Privatize = Callable[..., None]  # privatize(pieces: Sequence[Piece], *, noise: bool)
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,16 @@ class DPStepStats:
 class Reduction(Protocol):
     """Combine the ranks' clipped sums into this rank's part of the released update.
 
-    ``combine`` must call ``privatize(tensors, stream)`` on tensors that together cover every coordinate of the
-    result once over all ranks with ``stream`` an int (noise drawn on that stream, then scaled), and may call it
-    with ``stream=None`` on tensors that only need scaling (another rank adds their noise)."""
+    ``sums`` holds this rank's clipped sums, whole parameters in the engine's order (the order the noise is keyed
+    by). ``combine`` must call ``privatize(pieces, noise=True)`` on ``Piece`` s that, over all ranks, hold every
+    coordinate of the released sum exactly once (ranks holding identical replicas of a coordinate add identical
+    noise: that is one draw), and ``privatize(pieces, noise=False)`` on whatever else it returns (scaled only).
+    It returns what ``DPEngine.set_grads`` writes: per parameter name, a tensor in the parameter's own form."""
 
     def combine(self, sums: dict[str, torch.Tensor], *, privatize: Privatize) -> dict[str, torch.Tensor]: ...
+
+    def write(self, engine: DPEngine, update: dict[str, torch.Tensor]) -> None:
+        """Hand the update to the optimizer in the engine's own form (``.grad``, or a ZeRO partition)."""
 
 
 class ReplicatedReduction:
@@ -73,11 +79,14 @@ class ReplicatedReduction:
         self.rank, self.world_size = rank, world_size
 
     def combine(self, sums, *, privatize):
-        privatize(sums, 0 if self.rank == 0 else None)  # privacy-critical: one rank, one noise draw
+        privatize(whole(sums.values()), noise=self.rank == 0)  # privacy-critical: one rank, one noise draw
         if self.world_size > 1:
             for tensor in sums.values():
                 dist.all_reduce(tensor)
         return sums
+
+    def write(self, engine, update):
+        engine.set_grads(update, copy=False)  # the buffers are the step's own: no copy
 
 
 class DPStep:
@@ -115,15 +124,14 @@ class DPStep:
                     engine.backward(losses)
         clipped = engine.pop_clipped_sum()
 
-        def privatize(tensors: dict[str, torch.Tensor], stream: int | None) -> None:
-            source = None if stream is None else noise_source(
-                seed=self.randomness_key, step=step, rank=stream, secure=self.secure_rng)
-            privatize_(tensors, noise_multiplier=self.noise_multiplier, clip_norm=self.clip_norm,
+        def privatize(pieces: list[Piece], *, noise: bool) -> None:
+            source = noise_source(seed=self.randomness_key, step=step, secure=self.secure_rng) if noise else None
+            privatize_(pieces, noise_multiplier=self.noise_multiplier, clip_norm=self.clip_norm,
                        expected_batch_size=self.expected_batch_size, generator=source)
 
         with record_function("dp.noise"):
             update = self.reduction.combine(clipped.grads, privatize=privatize)
         with record_function("dp.set_grads"):
-            engine.set_grads(update, copy=False)  # the buffers are the step's own: no copy
+            self.reduction.write(engine, update)
         return DPStepStats(num_units=clipped.num_units, unit_norms=clipped.unit_norms,
                            clipped_fraction=clipped.clipped_fraction, num_micro_batches=clipped.num_micro_batches)

@@ -1,0 +1,196 @@
+"""The recipe under the sharding presets, end to end with torchrun (2 gloo processes on the CPU).
+
+- fsdp2 × {dp, dp-lora, full}: 2 processes give the model 1 process gives (the DP noise is keyed by coordinate,
+  so it does not depend on the world size), and model/ is an ordinary model plain transformers / peft load.
+- fsdp2 stopped by SIGTERM (a Slurm preemption) resumes bit-identically on 2 processes, with the same ledger,
+  and its checkpoint also resumes on 1 process.
+- presets a launch cannot honour are refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from privtune.errors import UserError
+
+BASE = {
+    "model": {"name": "tiny-llama"},
+    "data": {"source": "customersim", "num_examples": 24, "max_length": 48, "canaries": {"count": 1, "repetitions": 2}},
+    "train": {"method": "dp", "max_steps": 3, "batch_size": 4, "learning_rate": 1e-2},
+    "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "reproducible": True},
+    "performance": {"micro_batch_size": 2},
+    "eval": {"max_examples": 4},
+}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _cfg(tmp_path: Path, name: str, **overrides) -> Path:
+    tree = json.loads(json.dumps(BASE))
+    tree.update(name=name, output_dir=str(tmp_path / "runs"))
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        tree.setdefault(section, {})[field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(tree))
+    return path
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+            "-m", "privtune", *args]
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in (run_dir / "model").glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    assert out, f"no weights in {run_dir / 'model'}"
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dp", "dp-lora", "full"])
+def test_fsdp2_on_two_processes_gives_the_one_process_model_as_an_ordinary_model(tmp_path, method):
+    one = _cfg(tmp_path, "one", train__method=method)
+    two = _cfg(tmp_path, "two", train__method=method, performance__parallel="fsdp2")
+    _run([sys.executable, "-m", "privtune", "run", str(one)])
+    _run(_torchrun("run", str(two)))
+    a, b = _weights(tmp_path / "runs" / "one"), _weights(tmp_path / "runs" / "two")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    model_dir = tmp_path / "runs" / "two" / "model"
+    eff = json.loads((model_dir / "efficiency.json").read_text())
+    assert eff["world_size"] == 2 and eff["parallel"] == "fsdp2"
+    # model/ is what plain transformers / peft read, nothing of FSDP2 left in it
+    from transformers import AutoModelForCausalLM
+
+    if method == "dp-lora":
+        from peft import PeftModel
+
+        from privtune.trainers.models import build_tiny
+
+        base, _ = build_tiny("tiny-llama", seed=0)
+        loaded = PeftModel.from_pretrained(base, str(model_dir))
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    state = dict(loaded.named_parameters())
+    for name, value in b.items():
+        match = [n for n in state if n == name or n.replace(".default", "").endswith(name.replace("base_model.model.", ""))]
+        assert match, name
+        torch.testing.assert_close(state[match[0]].detach(), value, rtol=0, atol=0, msg=name)
+
+
+def _stop_after(cmd: list[str], run_dir: Path, step: int) -> None:
+    """Start ``cmd`` in its own session; SIGTERM every process of it (as Slurm signals every task) once the
+    checkpoint of ``step`` is complete; wait for the checkpoint-and-exit."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 400
+    while not (run_dir / "checkpoints" / f"step-{step}" / "COMPLETED").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1].decode()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert not (run_dir / "model").exists(), err.decode()[-2000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_sigterm_then_resume_is_bit_identical_and_resumes_on_one_process_too(tmp_path):
+    over = dict(train__max_steps=6, train__checkpoint_every=1, performance__parallel="fsdp2")
+    _run(_torchrun("run", str(_cfg(tmp_path, "straight", **over))))
+
+    interrupted = _cfg(tmp_path, "interrupted", **over)
+    run_dir = tmp_path / "runs" / "interrupted"
+    _stop_after(_torchrun("run", str(interrupted)), run_dir, step=2)
+    _run(_torchrun("run", str(interrupted)))
+    a, b = _weights(tmp_path / "runs" / "straight"), _weights(run_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    ledgers = [json.loads((tmp_path / "runs" / n / "ledger.json").read_text()) for n in ("straight", "interrupted")]
+    assert [e["event"] for e in ledgers[0]["entries"]] == [e["event"] for e in ledgers[1]["entries"]]
+    assert ledgers[1]["entries"][0]["event"]["steps"] == 6
+    log = [json.loads(line) for line in (run_dir / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, 7))
+
+    # The same checkpoint, resumed on ONE process (ddp): the noise and the sample do not depend on the world
+    # size, so it ends where the 2-process run ended (up to the order of floating-point sums).
+    moved_dir = tmp_path / "runs" / "moved"
+    _stop_after(_torchrun("run", str(_cfg(tmp_path, "moved", **over))), moved_dir, step=2)
+    one_process = _cfg(tmp_path, "moved", train__max_steps=6, train__checkpoint_every=1)  # parallel: ddp
+    _run([sys.executable, "-m", "privtune", "run", str(one_process)])
+    c = _weights(moved_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], c[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_presets_the_launch_cannot_honour_are_refused(monkeypatch):
+    from privtune.trainers.parallel import check_launch
+
+    with pytest.raises(UserError, match="single"):
+        check_launch("single", world_size=2, device_type="cpu")
+    check_launch("ddp", world_size=1, device_type="cpu")  # one process, nothing to shard: fine
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu` sets (checked, 1.15)
+    for preset in ("ddp", "fsdp2", "zero3"):
+        with pytest.raises(UserError, match="torchrun"):
+            check_launch(preset, world_size=1, device_type="cpu")
+
+
+@pytest.mark.parametrize("preset", ["single", "ddp", "fsdp2", "zero2", "zero3"])
+def test_the_written_accelerate_config_is_one_accelerate_reads(tmp_path, preset):
+    """accelerate's own loader accepts the file, and reads back the preset's sharding and world size."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from privtune.trainers.parallel.launch_configs import write_launch_configs
+
+    deepspeed = {"zero_optimization": {"stage": 3}, "gradient_clipping": 0} if preset.startswith("zero") else None
+    write_launch_configs(tmp_path, preset=preset, num_processes=8, precision="bf16", layer_class="LlamaDecoderLayer",
+                         deepspeed=deepspeed)
+    loaded = ClusterConfig.from_yaml_file(str(tmp_path / "parallel" / "accelerate.yaml"))
+    assert loaded.num_processes == 8 and loaded.mixed_precision == "bf16"
+    expected = {"single": "NO", "ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+    assert str(loaded.distributed_type).endswith(expected[preset])
+    if preset == "fsdp2":
+        assert loaded.fsdp_config["fsdp_version"] == 2
+        assert loaded.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    if deepspeed is not None:
+        file = Path(loaded.deepspeed_config["deepspeed_config_file"])
+        assert json.loads(file.read_text()) == deepspeed
+
+
+@pytest.mark.slow
+def test_accelerate_launch_on_the_cpu_is_refused_with_one_line(tmp_path):
+    cfg = _cfg(tmp_path, "acc", performance__parallel="fsdp2")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "privtune", "run", str(cfg)], env=ENV, capture_output=True, text=True, timeout=300)
+    # privtune exits 2 with one line (accelerate then adds its own traceback and exit status 1 around it)
+    assert "returned non-zero exit status 2" in proc.stderr, proc.stderr[-2000:]
+    assert [line.startswith("privtune: error:") for line in proc.stderr.splitlines()].count(True) == 1
+    assert "torchrun --nproc_per_node" in proc.stderr
+    assert not (tmp_path / "runs" / "acc").exists()  # refused before any work
