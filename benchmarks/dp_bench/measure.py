@@ -402,9 +402,7 @@ class RecipeRunner:
         recipe._check_every_parameter_has_a_gradient()
         _capture(capture, self.trainable)
         with record_function("optimizer"):
-            recipe.optimizer.step()
-            recipe.scheduler.step()
-            recipe.optimizer.zero_grad(set_to_none=True)
+            recipe.parallel.step()  # optimizer.step, scheduler.step, zero_grad (as FineTuneRecipe.train)
         recipe.step += 1
         return {"tokens": stats.tokens, "units": stats.units, "loss_sum": stats.loss_sum}
 

@@ -38,7 +38,10 @@ def _cfg(tmp_path: Path, name: str, **overrides) -> Path:
     tree = json.loads(json.dumps(BASE))
     tree.update(name=name, output_dir=str(tmp_path / "runs"))
     for key, value in overrides.items():
-        section, field = key.split("__")
+        section, _, field = key.partition("__")
+        if key == "grid":
+            tree["grid"] = value
+            continue
         tree.setdefault(section, {})[field] = value
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(tree))
@@ -71,38 +74,42 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+METHODS = ("dp", "dp-lora", "full", "lora")
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dp", "dp-lora", "full"])
-def test_fsdp2_on_two_processes_gives_the_one_process_model_as_an_ordinary_model(tmp_path, method):
-    one = _cfg(tmp_path, "one", train__method=method)
-    two = _cfg(tmp_path, "two", train__method=method, performance__parallel="fsdp2")
+def test_fsdp2_on_two_processes_gives_the_one_process_models_as_ordinary_models(tmp_path):
+    """Every method, as one sweep per launch (the grid's runs share one process start)."""
+    grid = {"variants": [{"name": m, "train.method": m} for m in METHODS]}
+    one = _cfg(tmp_path, "one", grid=grid)
+    two = _cfg(tmp_path, "two", grid=grid, performance__parallel="fsdp2")
     _run([sys.executable, "-m", "privtune", "run", str(one)])
     _run(_torchrun("run", str(two)))
-    a, b = _weights(tmp_path / "runs" / "one"), _weights(tmp_path / "runs" / "two")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
-    model_dir = tmp_path / "runs" / "two" / "model"
-    eff = json.loads((model_dir / "efficiency.json").read_text())
-    assert eff["world_size"] == 2 and eff["parallel"] == "fsdp2"
-    # model/ is what plain transformers / peft read, nothing of FSDP2 left in it
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if method == "dp-lora":
-        from peft import PeftModel
+    from privtune.trainers.models import build_tiny
 
-        from privtune.trainers.models import build_tiny
-
-        base, _ = build_tiny("tiny-llama", seed=0)
-        loaded = PeftModel.from_pretrained(base, str(model_dir))
-    else:
-        loaded = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    state = dict(loaded.named_parameters())
-    for name, value in b.items():
-        match = [n for n in state if n == name or n.replace(".default", "").endswith(name.replace("base_model.model.", ""))]
-        assert match, name
-        torch.testing.assert_close(state[match[0]].detach(), value, rtol=0, atol=0, msg=name)
+    for method in METHODS:
+        a, b = _weights(tmp_path / "runs" / f"one-{method}"), _weights(tmp_path / "runs" / f"two-{method}")
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+        model_dir = tmp_path / "runs" / f"two-{method}" / "model"
+        eff = json.loads((model_dir / "efficiency.json").read_text())
+        assert eff["world_size"] == 2 and eff["parallel"] == "fsdp2"
+        # model/ is what plain transformers / peft read: nothing of FSDP2 is left in it
+        if method.endswith("lora"):
+            base, _ = build_tiny("tiny-llama", seed=0)
+            loaded = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
+            reference = PeftModel.from_pretrained(build_tiny("tiny-llama", seed=0)[0],
+                                                  str(tmp_path / "runs" / f"one-{method}" / "model")).merge_and_unload()
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(str(model_dir))
+            reference = AutoModelForCausalLM.from_pretrained(str(tmp_path / "runs" / f"one-{method}" / "model"))
+        for (name, p), (_, q) in zip(loaded.named_parameters(), reference.named_parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
 
 
 def _stop_after(cmd: list[str], run_dir: Path, step: int) -> None:
