@@ -36,10 +36,11 @@ def main(spec_path: str) -> None:
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
-        model = model.to(torch.float64)
         model.load_state_dict(torch.load(case["weights"], weights_only=True))
+        precision = case.get("precision", "fp64")  # bf16: fp32 parameters, FSDP2 computes in bf16
+        model = model.to(torch.float32 if precision == "bf16" else torch.float64)
         model.eval()
-        parallel = Fsdp2(model, rank=rank, world_size=world)
+        parallel = Fsdp2(model, rank=rank, world_size=world, precision="bf16" if precision == "bf16" else "fp32")
         model = parallel.model
         sampler = PoissonBatchSampler(len(rows), sample_rate=spec["sample_rate"], steps=1, seed=spec["seed"],
                                       micro_batch_size=case["micro_batch_size"], world_size=world, rank=rank)
@@ -57,6 +58,7 @@ def main(spec_path: str) -> None:
                                                                          pad_id=256)) for m in mine]
         step.run(micro, loss_fn, step=spec["step"])
         names = {id(p): n for n, p in model.named_parameters()}
+        assert all(p.grad.dtype == p.dtype for p in parallel.trainable)  # the update in the parameters' dtype
         update = {names[id(p)]: p.grad.full_tensor() for p in parallel.trainable}
         counts = [None] * world
         dist.all_gather_object(counts, real_rows)
