@@ -5,6 +5,7 @@
     privtune data CONFIG [key=value ...] [--json]
     privtune budget RUN_OR_LEDGER ... --delta D [--json]
     privtune budget calibrate --epsilon E --delta D --sample-rate Q --steps T [--json]
+    privtune plan CONFIG [key=value ...] [--nodes N] [--gpus-per-node G] [--gpu-memory GIB] [--json]
 
 Every error a user can cause exits with code 2 and one line on stderr naming the problem and the fix.
 """
@@ -24,7 +25,6 @@ from privtune.errors import UserError
 
 PLANNED = {
     "train": "training as a separate stage",
-    "plan": "cluster resource planning",
     "submit": "Slurm submission",
     "status": "cluster job status",
 }
@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also compose runs whose sample and noise a public seed reproduces (privacy.reproducible): "
                              "the number printed is then not a guarantee")
     budget.add_argument("--json", action="store_true")
+    plan = sub.add_parser("plan", help="memory per GPU, tokens per step and steps of a config on N nodes x G GPUs")
+    _add_config_args(plan)
+    plan.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    plan.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (processes) per node (default 1)")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                      help="memory of one GPU in GiB (default 80)")
     for name, what in PLANNED.items():
         p = sub.add_parser(name, help=f"{what} (not implemented yet)")
         p.add_argument("args", nargs=argparse.REMAINDER)
@@ -233,6 +239,39 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Print each run's resource plan; refuse (exit 2, one line) the first that does not fit, naming a change that
+    does. Nothing is loaded or downloaded: shapes come from the model's config (trainers/resources.py)."""
+    from privtune.launch.preflight import training_units
+    from privtune.launch.sweep import load_sweep
+    from privtune.trainers.resources import GIB, USABLE, plan_resources, smallest_fix
+
+    _, runs = load_sweep(args.config, args.overrides)
+    where = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory)
+    results = []
+    for cfg in runs:
+        try:
+            units = training_units(cfg) if cfg.train.max_steps is None else None
+        except UserError:  # e.g. a data file that is on the cluster only: the plan then names no step count
+            units = None
+        plan = plan_resources(cfg, num_units=units, **where)
+        fix = None if plan.fits else smallest_fix(cfg, **where)
+        results.append((cfg, plan, fix))
+    if args.json:
+        docs = [{"run": cfg.name, **plan.to_dict(), "fix": fix} for cfg, plan, fix in results]
+        _print_json(docs[0] if len(docs) == 1 else {"runs": docs})
+    else:
+        sys.stdout.write("\n\n".join((f"# run {cfg.name}\n" if len(results) > 1 else "") + plan.describe()
+                                      for cfg, plan, _ in results) + "\n")
+    for cfg, plan, fix in results:
+        if not plan.fits:
+            run = f"run {cfg.name}: " if len(results) > 1 else ""
+            raise UserError(f"{run}{plan.total / GIB:.1f} GiB per GPU does not fit in {USABLE:.0%} of "
+                            f"{args.gpu_memory:g} GiB", f"try {fix}" if fix else
+                            "no micro-batch, preset, node count up to 64 or LoRA tried fits: use GPUs with more memory")
+    return 0
+
+
 def cmd_budget(args) -> int:
     if args.delta is None:
         raise UserError("privtune budget needs --delta", "add e.g. --delta 1e-6")
@@ -261,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             return calibrate_command(epsilon=cal.epsilon, delta=cal.delta, sample_rate=cal.sample_rate,
                                      steps=cal.steps, accountant=cal.accountant, as_json=cal.json)
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # `privtune plan CONFIG --nodes 2 key=value`: overrides may follow the flags
+        if extra and args.command == "plan" and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides, extra = [*args.overrides, *extra], []
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.version:
             from privtune import __version__
 
@@ -274,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"`privtune {args.command}` ({PLANNED[args.command]}) is not implemented yet",
                             "use `privtune run CONFIG` for now")
         handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget, "sweep": cmd_sweep, "eval": cmd_eval,
-                   "report": cmd_report}[args.command]
+                   "report": cmd_report, "plan": cmd_plan}[args.command]
         if not getattr(args, "json", False) or args.command in ("budget", "validate"):
             return handler(args)
         # --json: stdout carries exactly one JSON document; anything a library prints goes to stderr.

@@ -9,11 +9,15 @@ interrupted one. What counts as a change is declared in ``stages``.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from privtune.atomic import staged_dir
+from privtune.errors import UserError
 from privtune.fingerprint import file_digest, read_record, tree_digest, write_record
 from privtune.launch.config import RunConfig
 from privtune.launch.preflight import preflight
@@ -96,6 +100,24 @@ def run_eval_stage(cfg: RunConfig, run_dir: Path) -> dict:
     return metrics
 
 
+def resource_line(cfg: RunConfig, state) -> str | None:
+    """The resource plan's one-line memory summary for this launch (``privtune plan`` prints the whole table); None
+    where it cannot plan (e.g. an architecture the planner does not know): training goes ahead all the same."""
+    from privtune.trainers.resources import GIB, plan_resources
+
+    world = state.world_size
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes, per_node = (world // per_node, per_node) if per_node and world % per_node == 0 else (1, world)
+    cuda = state.device.type == "cuda"
+    memory = torch.cuda.get_device_properties(state.device).total_memory / GIB if cuda else 80.0
+    try:
+        plan = plan_resources(cfg, nodes=nodes, gpus_per_node=per_node, gpu_memory_gib=memory)
+    except UserError:
+        return None
+    where = "" if cuda else f" (a GPU-memory plan for this run's world size {world}; it runs on CPU)"
+    return f"[bold]plan[/]  {plan.summary_line()}{where}"
+
+
 def run_train_stage(cfg: RunConfig, run_dir: Path) -> None:
     """Train and publish ``model/`` (with ``efficiency.json``); resumes from the newest checkpoint of the same
     inputs (``stages.plan_run`` has refused checkpoints or a model of other inputs)."""
@@ -112,6 +134,8 @@ def run_train_stage(cfg: RunConfig, run_dir: Path) -> None:
     resuming = f" (resuming {plan.reasons[0]})" if plan.action == "resume" else ""
     info(f"[bold]train[/]  {cfg.train.method} on {cfg.model.name}{resuming}")
     state = current()
+    if state.is_main and (line := resource_line(cfg, state)):
+        info(line)
     if state.is_main:
         with staged_dir(run_dir / "model") as tmp:
             stats = run_training(cfg, run_dir, tmp, train_key=want.key)

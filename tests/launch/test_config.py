@@ -80,3 +80,33 @@ def test_privacy_config_is_frozen():
     with pytest.raises(ValidationError, match="frozen"):
         privacy.clip_norm = 5.0  # type: ignore[misc]
     assert privacy.clip_norm == 1.0
+
+
+CLUSTER = sorted((REPO / "configs" / "cluster").glob("*.yaml"))
+
+
+def test_cluster_recipes_cover_the_methods_and_models():
+    names = {p.stem for p in CLUSTER}
+    assert {f"llama-2-{size}-{m}" for size in ("7b", "13b") for m in ("dp-lora", "dp", "lora", "full")} <= names
+    assert {"pythia-6.9b-dp-lora", "gemma-7b-dp-lora", "qwen2.5-7b-dp-lora"} <= names
+
+
+@pytest.mark.parametrize("path", CLUSTER, ids=lambda p: p.name)
+def test_cluster_header_states_the_commands_and_the_plan_memory_now(path, capsys):
+    """Line 1: the plan command; line 2: its memory per GPU, as `privtune plan --json` computes it now; line 3:
+    the torchrun command for the same nodes (regenerate line 2 with `python docs/cluster_planning.py --write`)."""
+    import json
+    import re
+
+    from privtune.launch.cli import main
+
+    rel = str(path.relative_to(REPO))
+    plan_line, memory_line, torchrun_line = path.read_text().splitlines()[:3]
+    nodes = int(re.fullmatch(rf"# privtune plan {re.escape(rel)} --nodes (\d+) --gpus-per-node 8", plan_line).group(1))
+    assert torchrun_line.startswith(f"# torchrun --nnodes {nodes} --nproc_per_node 8 ")
+    assert torchrun_line.endswith(f" -m privtune run {rel}")
+    assert main(["plan", str(path), "--nodes", str(nodes), "--gpus-per-node", "8", "--json"]) == 0  # it fits
+    plan = json.loads(capsys.readouterr().out)
+    figure = re.fullmatch(r"# memory per GPU \(privtune plan\): ([\d.]+) GiB of 80 GiB \(.*\)", memory_line)
+    assert figure and float(figure.group(1)) == round(plan["memory"]["total"] / 2**30, 1)
+    assert f"({plan['parallel']}, {8 * nodes} GPUs, micro-batch {plan['micro_batch_size']} × 256, bf16)" in memory_line

@@ -252,6 +252,12 @@ class DPEngine:
                 with record_function("dp.clip"):
                     self._consume(captures, layout)
         finally:
+            # The tensor hooks on the forward's outputs keep their captures alive for as long as the caller holds
+            # the loss's graph (until the next micro-batch's loss replaces it): drop what they saved now, or one
+            # micro-batch's activations and output gradients stay resident through the next forward.
+            for cap in captures:
+                cap.saved = cap.grad = cap.expected = None
+                cap.weights = {}
             captures.clear()
         self._seen_units.update(layout.unit_labels.tolist())
         self._micro_batches += 1

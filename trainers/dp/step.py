@@ -122,6 +122,7 @@ class DPStep:
                     losses = loss_fn(micro.inputs)
                 with record_function("dp.backward"):
                     engine.backward(losses)
+                del losses  # its graph's hooks would keep this micro-batch's captures through the next forward
         clipped = engine.pop_clipped_sum()
 
         def privatize(pieces: list[Piece], *, noise: bool) -> None:
