@@ -2,16 +2,19 @@
 
     privtune run configs/paper_a/cpu/dp-lora.yaml                      # one process
     torchrun --nproc_per_node 2 -m privtune run CONFIG                 # data parallel (gloo on CPU, NCCL on GPU)
+    torchrun ... -m privtune run CONFIG performance.parallel=fsdp2     # sharded: fsdp2 | zero1 | zero2 | zero3 ...
 
-``setup`` loads data, model, optimizer, the DP engine, sampler, accountant and ledger, and resumes from the newest
-complete checkpoint; ``train`` runs logical steps; ``save_checkpoint`` and ``save_model`` write the run dir;
+``setup`` loads data and model, wraps it for ``performance.parallel`` (``trainers/parallel/``: the preset owns
+the optimizer step, the reduction of the DP sums, checkpoints and the gathered release), builds the DP engine,
+sampler, accountant and ledger, and resumes from the newest complete checkpoint; ``train`` runs logical steps; ``save_checkpoint`` and ``save_model`` write the run dir;
 ``cleanup`` tears down. Each logical step is:
 
 - non-private (full, lora), ``trainers.plain_step.PlainStep``: a shuffled fixed-size batch; mean of per-example
   losses; gradients summed over ranks.
 - DP (dp, dp-lora), ``trainers.dp.step.DPStep``: a Poisson sample of units; per-unit clipped gradients summed by
-  the DP engine (one backward per micro-batch); Gaussian noise σ·C added once (rank 0) and the sum over ranks
-  divided by the expected batch size q·N; the optimizer steps; the ledger counts the step.
+  the DP engine (one backward per micro-batch); the preset's reduction sums them over ranks and adds Gaussian
+  noise σ·C once per coordinate; divided by the expected batch size q·N; the optimizer steps; the ledger counts
+  the step.
 
 Privacy unit: one example, or one user (``privacy.unit=group``, ``data.group_by``). Sensitive: the training data,
 which batches were drawn, the per-unit norms (logged only as aggregates).

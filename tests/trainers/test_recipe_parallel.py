@@ -75,41 +75,59 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 METHODS = ("dp", "dp-lora", "full", "lora")
+GRID = {"variants": [{"name": m, "train.method": m} for m in METHODS]}
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_fsdp2_on_two_processes_gives_the_one_process_models_as_ordinary_models(tmp_path):
-    """Every method, as one sweep per launch (the grid's runs share one process start)."""
-    grid = {"variants": [{"name": m, "train.method": m} for m in METHODS]}
-    one = _cfg(tmp_path, "one", grid=grid)
-    two = _cfg(tmp_path, "two", grid=grid, performance__parallel="fsdp2")
-    _run([sys.executable, "-m", "privtune", "run", str(one)])
-    _run(_torchrun("run", str(two)))
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The four methods on one process (ddp), as one sweep: the reference of every sharded launch below."""
+    root = tmp_path_factory.mktemp("one-process")
+    _run([sys.executable, "-m", "privtune", "run", str(_cfg(root, "one", grid=GRID))])
+    return root / "runs"
+
+
+def _same_models(one_runs: Path, runs: Path, preset: str, methods) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from privtune.trainers.models import build_tiny
 
-    for method in METHODS:
-        a, b = _weights(tmp_path / "runs" / f"one-{method}"), _weights(tmp_path / "runs" / f"two-{method}")
+    for method in methods:
+        a, b = _weights(one_runs / f"one-{method}"), _weights(runs / f"two-{method}")
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
-        model_dir = tmp_path / "runs" / f"two-{method}" / "model"
+        model_dir = runs / f"two-{method}" / "model"
         eff = json.loads((model_dir / "efficiency.json").read_text())
-        assert eff["world_size"] == 2 and eff["parallel"] == "fsdp2"
-        # model/ is what plain transformers / peft read: nothing of FSDP2 is left in it
+        assert eff["world_size"] == 2 and eff["parallel"] == preset
+        # model/ is what plain transformers / peft read: nothing of the sharding engine is left in it
         if method.endswith("lora"):
-            base, _ = build_tiny("tiny-llama", seed=0)
-            loaded = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
+            loaded = PeftModel.from_pretrained(build_tiny("tiny-llama", seed=0)[0], str(model_dir)).merge_and_unload()
             reference = PeftModel.from_pretrained(build_tiny("tiny-llama", seed=0)[0],
-                                                  str(tmp_path / "runs" / f"one-{method}" / "model")).merge_and_unload()
+                                                  str(one_runs / f"one-{method}" / "model")).merge_and_unload()
         else:
             loaded = AutoModelForCausalLM.from_pretrained(str(model_dir))
-            reference = AutoModelForCausalLM.from_pretrained(str(tmp_path / "runs" / f"one-{method}" / "model"))
+            reference = AutoModelForCausalLM.from_pretrained(str(one_runs / f"one-{method}" / "model"))
         for (name, p), (_, q) in zip(loaded.named_parameters(), reference.named_parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_gives_the_one_process_models_as_ordinary_models(tmp_path, one_process):
+    """Every method, as one sweep per launch (the grid's runs share one process start)."""
+    _run(_torchrun("run", str(_cfg(tmp_path, "two", grid=GRID, performance__parallel="fsdp2"))))
+    _same_models(one_process, tmp_path / "runs", "fsdp2", METHODS)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero3_on_two_processes_gives_the_one_process_models_as_ordinary_models(tmp_path, one_process):
+    grid = {"variants": [{"name": m, "train.method": m} for m in ("dp", "dp-lora")]}
+    _run(_torchrun("run", str(_cfg(tmp_path, "two", grid=grid, performance__parallel="zero3"))))
+    _same_models(one_process, tmp_path / "runs", "zero3", ("dp", "dp-lora"))
+    written = json.loads((tmp_path / "runs" / "two-dp" / "parallel" / "deepspeed.json").read_text())
+    assert written["zero_optimization"]["stage"] == 3 and written["gradient_clipping"] == 0
 
 
 def _stop_after(cmd: list[str], run_dir: Path, step: int) -> None:

@@ -24,8 +24,10 @@ from .base import Parallel, Replicated
 SHARDED = ("fsdp2", "zero1", "zero2", "zero3", "zero3-offload")
 METHODS = ("full", "lora", "dp", "dp-lora")
 # (preset, method) pairs a test runs (tests/trainers/test_parallel_*.py, test_recipe_parallel.py); others are refused.
+# zero3-offload: tested with dp (the full model) and lora only.
 SUPPORTED = frozenset(
-    [(preset, method) for preset in ("single", "ddp", "fsdp2") for method in METHODS]
+    [(preset, method) for preset in ("single", "ddp", "fsdp2", "zero1", "zero2", "zero3") for method in METHODS]
+    + [("zero3-offload", "dp"), ("zero3-offload", "lora")]
 )
 
 
