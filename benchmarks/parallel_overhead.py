@@ -41,8 +41,6 @@ PROTOCOL = "@@parallel_overhead@@ "
 
 
 def worker(args) -> None:
-    import torch
-    import torch.distributed as dist
 
     from privtune.launch.pipeline import ensure_data
     from privtune.launch.sweep import load_sweep
@@ -63,28 +61,37 @@ def worker(args) -> None:
         recipe = FineTuneRecipe(cfg, run_dir)
         recipe.setup()
         recipe.first_step = recipe.step
-        seconds, tokens = [], []
-        for k in range(args.warmup + args.steps):
-            dist.barrier()
-            started = time.perf_counter()
-            stats = recipe._dp_step() if recipe.is_dp else recipe._plain_step()
-            recipe._check_every_parameter_has_a_gradient()
-            recipe.parallel.step()
-            recipe.step += 1
-            dist.barrier()
-            elapsed = time.perf_counter() - started
-            total = torch.tensor([stats.tokens], dtype=torch.float64)
-            dist.all_reduce(total)
-            if k >= args.warmup:
-                seconds.append(elapsed)
-                tokens.append(float(total))
+        try:
+            out[method] = _time_steps(recipe, args)
+        except Exception as err:  # noqa: BLE001 - a refusal (e.g. ZeRO's update check) is a result to report
+            out[method] = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
         recipe.cleanup()
-        out[method] = {"seconds": seconds, "tokens": tokens,
-                       "seconds_per_step": statistics.median(seconds),
-                       "seconds_per_token": statistics.median(s / t for s, t in zip(seconds, tokens, strict=True))}
         del recipe
     if state.rank == 0:
         print(PROTOCOL + json.dumps({"preset": args.preset, "methods": out}), flush=True)
+
+
+def _time_steps(recipe, args) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    seconds, tokens = [], []
+    for k in range(args.warmup + args.steps):
+        dist.barrier()
+        started = time.perf_counter()
+        stats = recipe._dp_step() if recipe.is_dp else recipe._plain_step()
+        recipe._check_every_parameter_has_a_gradient()
+        recipe.parallel.step()
+        recipe.step += 1
+        dist.barrier()
+        elapsed = time.perf_counter() - started
+        total = torch.tensor([stats.tokens], dtype=torch.float64)
+        dist.all_reduce(total)
+        if k >= args.warmup:
+            seconds.append(elapsed)
+            tokens.append(float(total))
+    return {"seconds": seconds, "tokens": tokens, "seconds_per_step": statistics.median(seconds),
+            "seconds_per_token": statistics.median(s / t for s, t in zip(seconds, tokens, strict=True))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,8 +141,12 @@ def run(args) -> dict:
     return results
 
 
+def _ok(entry: dict, method: str) -> bool:
+    return method in entry and "error" not in entry[method]
+
+
 def _ratio(entry: dict, a: str, b: str) -> float | None:
-    if a in entry and b in entry:
+    if _ok(entry, a) and _ok(entry, b):
         return entry[a]["seconds_per_token"] / entry[b]["seconds_per_token"]
     return None
 
@@ -160,12 +171,25 @@ def render(results: dict) -> str:
             continue
 
         def cell(method, entry=entry):
+            if method in entry and "error" in entry[method]:
+                return "refused (below)"
             return f"{entry[method]['seconds_per_step']:.2f}" if method in entry else "–"
 
         ratios = [_ratio(entry, "dp", "full"), _ratio(entry, "dp-lora", "lora")]
         shown = [f"**{r:.2f}×**" if r is not None else "–" for r in ratios]
+        if "earlier_run" in entry:
+            preset = f"{preset} (earlier run)"
         lines.append(f"| {preset} | {cell('full')} | {cell('dp')} | {cell('lora')} | {cell('dp-lora')} | {shown[0]} | "
                      f"{shown[1]} | {entry['load'][0]:.2f} → {entry['load'][1]:.2f} |")
+    earlier = {e["earlier_run"] for e in results["presets"].values() if "earlier_run" in e}
+    if earlier:
+        lines += ["", "Rows marked *earlier run* come from the same script minutes before, on the same quiet "
+                  f"machine: `{'`, `'.join(sorted(earlier))}` (each row's ratios are from one launch)."]
+    errors = [(preset, method, e["error"]) for preset, entry in results["presets"].items() if "error" not in entry
+              for method, e in entry.items() if isinstance(e, dict) and "error" in e]
+    if errors:
+        lines += ["", "Refused or failed at run time:"]
+        lines += [f"- {preset} {method}: `{text}`" for preset, method, text in errors]
     lines += ["", "Targets (issue 13): dp / full ≤ 1.15×, dp-lora / lora ≤ 1.05× per preset."]
     return "\n".join(lines)
 
@@ -181,6 +205,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--merge", help="an earlier run's JSON: its presets not measured now are shown too, marked")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -189,6 +214,11 @@ def main() -> None:
         worker(args)
         return
     results = run(args)
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        for preset, entry in earlier["presets"].items():
+            if preset not in results["presets"] and "error" not in entry:
+                results["presets"][preset] = {**entry, "earlier_run": earlier["command"]}
     out = Path(args.out)
     out.with_name("parallel_overhead.json").write_text(json.dumps(results, indent=2) + "\n")
     from results import replace_section

@@ -1,8 +1,8 @@
-"""Worker of test_parallel_fsdp2.py, launched with torchrun: one DP step under a parallel preset.
+"""Worker of test_parallel_fsdp2.py, launched with torchrun: one DP step under the ddp or fsdp2 preset.
 
     torchrun --nproc_per_node 2 tests/trainers/parallel_step_worker.py SPEC.json
 
-For every case in SPEC every rank loads the same weights, shards the model (``Fsdp2``), draws the same Poisson
+For every case in SPEC every rank loads the same weights, wraps the model (``Replicated`` or ``Fsdp2``), draws the same Poisson
 sample with ``PoissonBatchSampler(world_size, rank)``, runs the real ``DPStep`` with the preset's reduction, and
 gathers the update it wrote into ``.grad``; rank 0 saves {name: whole update}. The test compares it with the
 single-process brute-force reference (σ = 0) or with the single-process noise of the same key and step (σ > 0).
@@ -22,6 +22,7 @@ def main(spec_path: str) -> None:
     from privtune.trainers.dp import DPEngine, PoissonBatchSampler, per_example_loss
     from privtune.trainers.dp.step import DPStep, MicroBatchInputs
     from privtune.trainers.models import build_tiny
+    from privtune.trainers.parallel.base import Replicated
     from privtune.trainers.parallel.fsdp2 import Fsdp2
 
     dist.init_process_group("gloo")
@@ -40,7 +41,11 @@ def main(spec_path: str) -> None:
         precision = case.get("precision", "fp64")  # bf16: fp32 parameters, FSDP2 computes in bf16
         model = model.to(torch.float32 if precision == "bf16" else torch.float64)
         model.eval()
-        parallel = Fsdp2(model, rank=rank, world_size=world, precision="bf16" if precision == "bf16" else "fp32")
+        if case.get("preset", "fsdp2") == "fsdp2":
+            parallel = Fsdp2(model, rank=rank, world_size=world, precision="bf16" if precision == "bf16" else "fp32")
+        else:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            parallel = Replicated(model, trainable, None, None, preset="ddp", rank=rank, world_size=world)
         model = parallel.model
         sampler = PoissonBatchSampler(len(rows), sample_rate=spec["sample_rate"], steps=1, seed=spec["seed"],
                                       micro_batch_size=case["micro_batch_size"], world_size=world, rank=rank)
@@ -59,7 +64,7 @@ def main(spec_path: str) -> None:
         step.run(micro, loss_fn, step=spec["step"])
         names = {id(p): n for n, p in model.named_parameters()}
         assert all(p.grad.dtype == p.dtype for p in parallel.trainable)  # the update in the parameters' dtype
-        update = {names[id(p)]: p.grad.full_tensor() for p in parallel.trainable}
+        update = {names[id(p)]: getattr(p.grad, "full_tensor", p.grad.clone)() for p in parallel.trainable}
         counts = [None] * world
         dist.all_gather_object(counts, real_rows)
         if rank == 0:

@@ -1,11 +1,12 @@
-"""FSDP2 with 2 processes: the DP step's released update equals the single-process brute-force reference.
+"""FSDP2 (and ddp) with 2 processes: the DP step's released update equals the single-process brute force.
 
 {dp (every parameter, tied and scaled embeddings), dp-lora} × {tiny Llama, tiny Gemma}: a real Poisson sample
 dealt to 2 gloo ranks, each rank clips its own units over whole parameters, the sums are reduce-scattered into
 FSDP2's dim-0 shards and each shard's owner adds its noise. σ = 0: the update equals Σ clipped / (q N) from the
 brute force (each unit forwarded alone); one case gives rank 1 only an all-padding micro-batch. σ > 0: the noise
 equals, coordinate by coordinate, what one process adds for the same key and step, and the two shards' noise has
-std σ·C and is uncorrelated. bf16 mixed precision (FSDP2's MixedPrecisionPolicy) agrees to bf16's precision.
+std σ·C and is uncorrelated. The ddp preset's step (rank 0 noises, one all-reduce) is checked on the same cases
+(σ = 0 with and without a padding rank on all four tiny families, σ > 0). bf16 mixed precision (FSDP2's MixedPrecisionPolicy) agrees to bf16's precision.
 """
 
 import json
@@ -52,7 +53,7 @@ def _reference(dpref, model, rows, sampled):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fsdp2_two_processes_release_the_brute_force_update_and_the_one_process_noise(tmp_path, dpref):
+def test_fsdp2_and_ddp_on_two_processes_release_the_brute_force_update_and_the_one_process_noise(tmp_path, dpref):
     g = torch.Generator().manual_seed(11)
     rows = [torch.randint(0, 256, (n,), generator=g).tolist() for n in torch.randint(3, 20, (9,), generator=g)]
     spec = {"rows": rows, "sample_rate": SAMPLE_RATE, "seed": SEED, "clip_norm": CLIP, "key": KEY, "step": STEP,
@@ -70,6 +71,17 @@ def test_fsdp2_two_processes_release_the_brute_force_update_and_the_one_process_
                 spec["cases"].append({"family": family, "mode": mode, "weights": str(weights), "sigma": sigma,
                                       "micro_batch_size": micro,
                                       "out": str(tmp_path / f"{family}-{mode}-{micro}-{sigma}.pt")})
+    # The ddp preset's DPStep (ReplicatedReduction) on the same sample: every tiny family, a padding rank too.
+    for family in dpref.FAMILIES:
+        for mode in ("full", "lora"):
+            weights = tmp_path / f"{family}-{mode}.pt"
+            if (family, mode) not in models:
+                models[(family, mode)] = dpref.tiny_model(family, mode)
+                torch.save(models[(family, mode)].state_dict(), weights)
+            for micro, sigma in ((2, 0.0), (16, 0.0)) + (((2, SIGMA),) if family in FAMILIES else ()):
+                spec["cases"].append({"family": family, "mode": mode, "weights": str(weights), "sigma": sigma,
+                                      "micro_batch_size": micro, "preset": "ddp",
+                                      "out": str(tmp_path / f"ddp-{family}-{mode}-{micro}-{sigma}.pt")})
     spec["cases"].append({"family": "tiny-llama", "mode": "lora", "weights": str(tmp_path / "tiny-llama-lora.pt"),
                           "sigma": 0.0, "micro_batch_size": 2, "precision": "bf16",
                           "out": str(tmp_path / "tiny-llama-lora-bf16.pt")})
@@ -107,6 +119,8 @@ def test_fsdp2_two_processes_release_the_brute_force_update_and_the_one_process_
         noise_source(seed=KEY, step=STEP, secure=False).fill_(whole(one_process.values()), std=SIGMA * CLIP,
                                                               scale=1.0)
         dpref.assert_sums_close({k: v * EXPECTED_BATCH for k, v in update.items()}, one_process, rtol=1e-5)
+        if case.get("preset") == "ddp":
+            continue  # rank 0 drew all of it: the shard statistics below are FSDP2's
         for name, u in update.items():  # the noise each rank added to its own dim-0 shard
             noise = (u * EXPECTED_BATCH - expected_sum[name]).flatten(start_dim=1) if u.dim() > 1 else \
                 (u * EXPECTED_BATCH - expected_sum[name]).unsqueeze(1)
