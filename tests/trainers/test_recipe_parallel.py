@@ -96,7 +96,9 @@ def _same_models(one_runs: Path, runs: Path, preset: str, methods) -> None:
         a, b = _weights(one_runs / f"one-{method}"), _weights(runs / f"two-{method}")
         assert a.keys() == b.keys()
         for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+            # AdamW divides by sqrt(v): where a gradient is near 0 the order of fp32 sums (another reduction)
+            # moves a weight by up to ~5e-6 (seen: zero3, full); the three steps move every weight by ~3e-2.
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=2e-5, msg=f"{method}: {name}")
         model_dir = runs / f"two-{method}" / "model"
         eff = json.loads((model_dir / "efficiency.json").read_text())
         assert eff["world_size"] == 2 and eff["parallel"] == preset
@@ -109,7 +111,7 @@ def _same_models(one_runs: Path, runs: Path, preset: str, methods) -> None:
             loaded = AutoModelForCausalLM.from_pretrained(str(model_dir))
             reference = AutoModelForCausalLM.from_pretrained(str(one_runs / f"one-{method}" / "model"))
         for (name, p), (_, q) in zip(loaded.named_parameters(), reference.named_parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-5, msg=f"{method}: {name}")
 
 
 @pytest.mark.distributed
@@ -123,10 +125,10 @@ def test_fsdp2_on_two_processes_gives_the_one_process_models_as_ordinary_models(
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_zero3_on_two_processes_gives_the_one_process_models_as_ordinary_models(tmp_path, one_process):
-    grid = {"variants": [{"name": m, "train.method": m} for m in ("dp", "dp-lora")]}
+    grid = {"variants": [{"name": m, "train.method": m} for m in ("full", "dp-lora")]}
     _run(_torchrun("run", str(_cfg(tmp_path, "two", grid=grid, performance__parallel="zero3"))))
-    _same_models(one_process, tmp_path / "runs", "zero3", ("dp", "dp-lora"))
-    written = json.loads((tmp_path / "runs" / "two-dp" / "parallel" / "deepspeed.json").read_text())
+    _same_models(one_process, tmp_path / "runs", "zero3", ("full", "dp-lora"))
+    written = json.loads((tmp_path / "runs" / "two-full" / "parallel" / "deepspeed.json").read_text())
     assert written["zero_optimization"]["stage"] == 3 and written["gradient_clipping"] == 0
 
 
@@ -184,6 +186,17 @@ def test_presets_the_launch_cannot_honour_are_refused(monkeypatch):
     for preset in ("ddp", "fsdp2", "zero3"):
         with pytest.raises(UserError, match="torchrun"):
             check_launch(preset, world_size=1, device_type="cpu")
+
+
+def test_zero_with_full_model_dp_is_refused_before_any_work(tmp_path):
+    from privtune.launch.config import config_from_dict
+    from privtune.trainers.parallel import check_parallel
+
+    for preset in ("zero1", "zero2", "zero3", "zero3-offload"):
+        cfg = config_from_dict({**json.loads(json.dumps(BASE)), "name": "z", "output_dir": str(tmp_path),
+                                "performance": {"parallel": preset}})
+        with pytest.raises(UserError, match="fsdp2"):
+            check_parallel(cfg)
 
 
 @pytest.mark.parametrize("preset", ["single", "ddp", "fsdp2", "zero2", "zero3"])
