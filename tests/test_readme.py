@@ -20,6 +20,9 @@ NOT_RUN = {
     "make demo": "the quickstart grid, ~10 min: its single-method runs are in the README and run here",
     "make test": "this test runs inside it",
     "make test-fast": "this test runs inside `make test`",
+    "torchrun --nproc_per_node 2 -m privtune run configs/quickstart.yaml grid=null train.method=dp-lora "
+    "name=dp3-fsdp2 privacy.target_epsilon=3 performance.parallel=fsdp2":
+        "~6 min on 2 cores; the same recipe under fsdp2 on 2 processes is tests/trainers/test_recipe_parallel.py",
     "privtune sweep configs/paper_a/cpu.yaml": "43 min; sweeps are tested on tiny models (tests/launch/test_sweep.py, "
                                                "test_torchrun.py) and this config by tests/launch/test_config.py",
 }

@@ -1,7 +1,7 @@
 """The recipe under the sharding presets, end to end with torchrun (2 gloo processes on the CPU).
 
-- fsdp2 × {dp, dp-lora, full}: 2 processes give the model 1 process gives (the DP noise is keyed by coordinate,
-  so it does not depend on the world size), and model/ is an ordinary model plain transformers / peft load.
+- ddp and fsdp2 × {dp, dp-lora, full, lora}, zero3 × {full, dp-lora}: 2 processes give the model 1 process
+  gives (the DP noise is keyed by coordinate, so it does not depend on the world size), and model/ is an ordinary model plain transformers / peft load.
 - fsdp2 stopped by SIGTERM (a Slurm preemption) resumes bit-identically on 2 processes, with the same ledger,
   and its checkpoint also resumes on 1 process.
 - presets a launch cannot honour are refused with one line.
@@ -116,10 +116,11 @@ def _same_models(one_runs: Path, runs: Path, preset: str, methods) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fsdp2_on_two_processes_gives_the_one_process_models_as_ordinary_models(tmp_path, one_process):
+@pytest.mark.parametrize("preset", ["ddp", "fsdp2"])
+def test_two_processes_give_the_one_process_models_as_ordinary_models(tmp_path, one_process, preset):
     """Every method, as one sweep per launch (the grid's runs share one process start)."""
-    _run(_torchrun("run", str(_cfg(tmp_path, "two", grid=GRID, performance__parallel="fsdp2"))))
-    _same_models(one_process, tmp_path / "runs", "fsdp2", METHODS)
+    _run(_torchrun("run", str(_cfg(tmp_path, "two", grid=GRID, performance__parallel=preset))))
+    _same_models(one_process, tmp_path / "runs", preset, METHODS)
 
 
 @pytest.mark.distributed
