@@ -238,6 +238,17 @@ def test_deepspeed_config_leaves_every_update_to_privtune(preset, precision):
     _check_config(config)
 
 
+def test_update_check_reads_the_squared_norm_of_a_large_partition_exactly():
+    """A 67M-value partition (rank 0's half of SmolLM2-135M): float32-lane kernels (vector_norm, dot) read 0.989 of
+    |t|^2 there; the check must agree with a float64 sum to 1e-9, else it refuses correct updates."""
+    from privtune.trainers.parallel.zero import _squared_norm
+
+    t = torch.randn(67_000_000, generator=torch.Generator().manual_seed(0)) * 0.08
+    exact = float(t.double().square().sum())
+    assert abs(_squared_norm(t) - exact) <= 1e-9 * exact
+    assert abs(_squared_norm(t.bfloat16()) - float(t.bfloat16().double().square().sum())) <= 1e-9 * exact
+
+
 def test_zero_refusals_are_one_line():
     from privtune.errors import UserError
     from privtune.trainers.dp.errors import DPRefusal

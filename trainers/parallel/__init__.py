@@ -24,13 +24,10 @@ from .base import Parallel, Replicated
 SHARDED = ("fsdp2", "zero1", "zero2", "zero3", "zero3-offload")
 METHODS = ("full", "lora", "dp", "dp-lora")
 # (preset, method) pairs a test runs (tests/trainers/test_parallel_*.py, test_recipe_parallel.py); others are refused.
-# ZeRO with dp (every parameter trainable): exact on the tiny test models, but on SmolLM2-135M the update check
-# finds DeepSpeed's optimizer handed 0.989 of the released update's squared norm (benchmarks/RESULTS.md), so it is
-# refused until that is explained. zero3-offload: tested with lora only then.
-ZERO_FULL_DP_OPEN = ("zero1", "zero2", "zero3", "zero3-offload")
+# zero3-offload: tested with lora only.
 SUPPORTED = frozenset(
     [(preset, method) for preset in ("single", "ddp", "fsdp2") for method in METHODS]
-    + [(preset, method) for preset in ("zero1", "zero2", "zero3") for method in ("full", "lora", "dp-lora")]
+    + [(preset, method) for preset in ("zero1", "zero2", "zero3") for method in METHODS]
     + [("zero3-offload", "lora")]
 )
 
@@ -45,10 +42,6 @@ def check_parallel(cfg) -> None:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     preset, method = cfg.performance.parallel, cfg.train.method
     check_launch(preset, world_size=world, device_type=device_type)
-    if method == "dp" and preset in ZERO_FULL_DP_OPEN:
-        raise UserError(f"performance.parallel={preset} with train.method=dp is refused: on a real model DeepSpeed's "
-                        "optimizer was handed 0.989 of the released DP update (issue 13, benchmarks/RESULTS.md)",
-                        "use performance.parallel=fsdp2 (or ddp) for dp; ZeRO runs dp-lora, lora and full")
     if method != "none" and (preset, method) not in SUPPORTED:
         raise UserError(f"performance.parallel={preset} with train.method={method} is not covered by privtune's "
                         "tests, so it is refused",
