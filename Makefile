@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints/cpu.txt")
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast lint install clean slurm-deps
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not distributed and not slurm"
+
+# The Slurm tests start a local cluster (privtune.cluster.local): Debian's slurmctld, slurmd, slurm-client, munge.
+slurm-deps: $(STAMP)
+	$(BIN)/python -c "from privtune.cluster.local import ensure_installed; ensure_installed()"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

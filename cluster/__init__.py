@@ -1,5 +1,10 @@
-"""privtune.cluster: Slurm rendering, submission, arrays and requeue (not built yet; see the cluster issue).
+"""privtune.cluster: Slurm — the ``cluster:`` config section, sbatch rendering, Slurm's commands, job status.
 
-Distributed runs today launch with ``torchrun --nproc_per_node N -m privtune run CONFIG`` (gloo on CPU, NCCL on
-GPU); ``privtune plan|submit|status`` answer "not implemented yet" until this package lands.
+- ``config.py``: ``ClusterConfig`` (the run config's ``cluster:`` section: Slurm defaults, node setup lines);
+- ``render.py``: sbatch scripts from plain values (one task per node, c10d rendezvous, preemption, records);
+- ``slurm.py``: thin wrappers over ``sbatch``, ``scontrol``, ``scancel``;
+- ``status.py``: ``privtune status`` — a run's (or sweep's) state from Slurm and its run dir's records;
+- ``local.py``: a throwaway local Slurm cluster (tests, and trying privtune's Slurm commands on one machine).
+
+What a job is made of (submission, arrays, sharded eval) is decided in ``launch/submit.py``, above this package.
 """

@@ -2,11 +2,18 @@
 
     privtune eval runs/quickstart-dp                          # one process
     torchrun --nproc_per_node 2 -m privtune eval RUN_DIR      # examples sharded over 2 processes
+    privtune eval RUN_DIR --shard 3/8                         # one of 8 independent shards (a Slurm array task)
 
 Owns: which models are scored (the base model and the run's trained model), splitting the examples across ranks,
 writing per-example scores as they are computed (``eval/shards.py``), and aggregating them on rank 0 into
 ``eval/metrics.json`` plus merged ``eval/scores.<model>.<split>.jsonl``. An interrupted eval resumes from the
 examples already written, with any number of processes.
+
+Independent shards (``shard=(i, K)``, no process group: Slurm array tasks running at the same time) score the
+examples ``i::K`` of the whole set, not of what is still pending — each task sees the others' parts appear while
+it runs, so a split of the pending ones would overlap. They never drop part files (``prepare_shards`` did that
+once, before they started) and do not aggregate: a later plain ``privtune eval RUN`` finds every example scored
+(scoring any that a failed shard left) and aggregates.
 
 Sensitive: scores of private training text; the metrics are aggregates, the per-example files stay private.
 """
@@ -21,6 +28,7 @@ from pathlib import Path
 import torch
 
 from privtune.atomic import staged_dir
+from privtune.errors import UserError
 from privtune.eval.config import EvalRun
 from privtune.eval.grid import grid, readings
 from privtune.eval.measures import run_measures
@@ -84,25 +92,47 @@ def _model_loaders(cfg: EvalRun, run_dir: Path) -> list[tuple[str, object]]:
     return loaders
 
 
-def score_shards(cfg: EvalRun, run_dir: Path, splits: dict, proc: ProcessState, inputs: dict) -> float:
-    """Score this rank's share of every (model, split) not yet scored; returns seconds spent scoring."""
+def prepare_shards(cfg: EvalRun, run_dir: Path) -> None:
+    """Before independent shards start: drop part files of other models or data, once (they would race)."""
+    inputs = stage_inputs(cfg, run_dir)
+    for label, _ in _model_loaders(cfg, run_dir):
+        _drop_stale_parts(run_dir, label, _scores_key(cfg, inputs, label))
+
+
+def score_shards(cfg: EvalRun, run_dir: Path, splits: dict, proc: ProcessState, inputs: dict,
+                 shard: tuple[int, int] | None = None) -> float:
+    """Score this rank's (or this independent shard's) share of every (model, split) not yet scored; returns
+    seconds spent scoring."""
     seconds = 0.0
     for label, load in _model_loaders(cfg, run_dir):
         if label == "base" and _base_cache_path(cfg, inputs).exists():  # scored by an earlier run
             continue
-        if proc.rank == 0:
-            _drop_stale_parts(run_dir, label, _scores_key(cfg, inputs, label))
+        key = _scores_key(cfg, inputs, label)
+        if shard is not None:
+            marker = run_dir / PARTS / f"{label}.key"
+            if not marker.exists() or marker.read_text().strip() != key:
+                raise UserError(f"{run_dir}: the eval's part files were not prepared for these models and data",
+                                "submit the shards with `privtune eval RUN --slurm --shards K`, which prepares them")
+        elif proc.rank == 0:
+            _drop_stale_parts(run_dir, label, key)
         proc.barrier()
-        pending = {split: [i for i in range(len(ids)) if i not in read_done(run_dir, label, split)]
-                   for split, (ids, _) in splits.items()}
-        mine = {split: idx[proc.rank :: proc.world_size] for split, idx in pending.items()}
+        if shard is None:
+            pending = {split: [i for i in range(len(ids)) if i not in read_done(run_dir, label, split)]
+                       for split, (ids, _) in splits.items()}
+            mine = {split: idx[proc.rank :: proc.world_size] for split, idx in pending.items()}
+            writer_rank = proc.rank
+        else:
+            index, count = shard
+            mine = {split: [i for i in range(index, len(ids), count) if i not in read_done(run_dir, label, split)]
+                    for split, (ids, _) in splits.items()}
+            writer_rank = index
         if not any(mine.values()):
             continue
         model, tokenizer = load()
         model.to(proc.device)
         started = time.perf_counter()
         for split, indices in mine.items():
-            writer = PartWriter(part_path(run_dir, label, split, proc.rank))
+            writer = PartWriter(part_path(run_dir, label, split, writer_rank))
             with progress(total=len(indices), desc=f"eval {label} model, {split}", unit="ex") as bar:
                 for rows in iter_scored(model, splits[split][0], indices, batch_size=cfg.eval.batch_size,
                                         pad_id=tokenizer.pad_token_id):
@@ -152,8 +182,10 @@ def aggregate(cfg: EvalRun, run_dir: Path, splits: dict, out_dir: Path, data, li
     return metrics
 
 
-def evaluate_run(cfg: EvalRun, run_dir: Path, out_dir: Path | None, *, inputs: dict | None = None) -> dict:
-    """Score (all ranks) and aggregate (rank 0, into ``out_dir``). Returns metrics on rank 0, {} elsewhere."""
+def evaluate_run(cfg: EvalRun, run_dir: Path, out_dir: Path | None, *, inputs: dict | None = None,
+                 shard: tuple[int, int] | None = None) -> dict:
+    """Score (all ranks) and aggregate (rank 0, into ``out_dir``). Returns metrics on rank 0, {} elsewhere.
+    ``shard``: score that independent shard only, aggregate nothing, return {}."""
     from privtune.corpora import load_prepared
 
     proc = current()
@@ -164,6 +196,13 @@ def evaluate_run(cfg: EvalRun, run_dir: Path, out_dir: Path | None, *, inputs: d
     splits = {name: (split.input_ids[:limit], split.sensitive[:limit])
               for name, split in (("train", data.train), ("test", data.test))}
     inputs = inputs if inputs is not None else stage_inputs(cfg, run_dir)
+    if shard is not None:
+        if proc.world_size > 1:
+            raise UserError("--shard runs as one process", "start it without torchrun (one shard per Slurm task)")
+        seconds = score_shards(cfg, run_dir, splits, proc, inputs, shard=shard)
+        info(f"[bold]eval[/]  shard {shard[0]}/{shard[1]} scored in {seconds:.1f} s; `privtune eval {run_dir}` "
+             "aggregates once every shard is done")
+        return {}
     seconds = score_shards(cfg, run_dir, splits, proc, inputs)
     proc.barrier()
     if proc.rank != 0:

@@ -6,6 +6,10 @@
     privtune budget RUN_OR_LEDGER ... --delta D [--json]
     privtune budget calibrate --epsilon E --delta D --sample-rate Q --steps T [--json]
     privtune plan CONFIG [key=value ...] [--nodes N] [--gpus-per-node G] [--gpu-memory GIB] [--json]
+    privtune submit CONFIG [key=value ...] --nodes N --gpus-per-node G [--partition P --time T ...] [--dry-run]
+    privtune sweep GRID.yaml --slurm [--throttle K] [sbatch flags]
+    privtune eval RUN_DIR --slurm --shards K [sbatch flags]        (a shard alone: privtune eval RUN --shard i/K)
+    privtune status RUN_DIR|JOB_ID [--json]
 
 Every error a user can cause exits with code 2 and one line on stderr naming the problem and the fix.
 """
@@ -16,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -25,8 +30,6 @@ from privtune.errors import UserError
 
 PLANNED = {
     "train": "training as a separate stage",
-    "submit": "Slurm submission",
-    "status": "cluster job status",
 }
 
 
@@ -41,21 +44,59 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
+def _add_slurm_args(p: argparse.ArgumentParser, *, required_shape: bool = False) -> None:
+    """sbatch flags shared by submit, sweep --slurm and eval --slurm (they override the config's cluster:)."""
+    g = p.add_argument_group("Slurm (override the config's cluster: section)")
+    g.add_argument("--nodes", type=int, help="nodes of each job (one task per node, torchrun on each)")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node = processes per node (0: CPU processes)")
+    g.add_argument("--procs-per-node", type=int, help="processes per node where there are no GPUs (default 1)")
+    for name, what in (("partition", "Slurm partition"), ("account", "account to charge"),
+                       ("qos", "quality of service"), ("time", "time limit, e.g. 24:00:00"),
+                       ("mem", "memory per node, e.g. 480G"), ("constraint", "node features, e.g. a100")):
+        g.add_argument(f"--{name}", help=what)
+    g.add_argument("--cpus-per-task", type=int, help="CPUs of each node's task")
+    g.add_argument("--exclusive", action="store_true", default=None, help="whole nodes")
+    g.add_argument("--requeue", action="store_true", help="on Slurm's warning signal: checkpoint, requeue, resume")
+    g.add_argument("--warning-seconds", type=int, help="with --requeue: the warning's lead time (default 120)")
+    g.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory of one GPU for the plan (default 80)")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit and write nothing")
+
+
+SLURM_FLAGS = ("nodes", "gpus_per_node", "procs_per_node", "partition", "account", "qos", "time", "mem",
+               "constraint", "cpus_per_task", "exclusive", "requeue", "warning_seconds", "gpu_memory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="privtune", description="Fine-tune LLMs on private data and measure what they memorize.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_config_args(sub.add_parser("run", help="run every stage of a config (data, train, eval)"))
     _add_config_args(sub.add_parser("validate", help="check a config and print what it resolves to"))
-    _add_config_args(sub.add_parser("sweep", help="run every combination of a config's grid, then compare them"))
+    sweep = sub.add_parser("sweep", help="run every combination of a config's grid, then compare them")
+    _add_config_args(sweep)
+    sweep.add_argument("--slurm", action="store_true", help="submit one Slurm array task per run, then a report job")
+    sweep.add_argument("--throttle", type=int, help="with --slurm: at most K array tasks at a time")
+    _add_slurm_args(sweep)
+    submit = sub.add_parser("submit", help="render a run's sbatch script and submit it to Slurm")
+    _add_config_args(submit)
+    _add_slurm_args(submit)
+    status = sub.add_parser("status", help="a run's (or Slurm job's) state, step, ε, checkpoint and failures")
+    status.add_argument("target", help="a run dir, or a Slurm job id")
+    status.add_argument("--json", action="store_true")
     _add_config_args(sub.add_parser("data", help="prepare the data of a config (corpus, split, token masks)"))
     ev = sub.add_parser("eval", help="score a run dir's models (resumes; shards under torchrun)")
     ev.add_argument("run_dir", help="a run directory made by privtune run")
     ev.add_argument("overrides", nargs="*", help="eval.* or performance.* overrides, e.g. eval.max_examples=100")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--shard", metavar="I/K", help="score shard I of K only (independent shards, e.g. array tasks)")
+    ev.add_argument("--slurm", action="store_true", help="submit the eval to Slurm: --shards array tasks + a merge")
+    ev.add_argument("--shards", type=int, default=1, help="with --slurm: number of array tasks (default 1)")
+    _add_slurm_args(ev)
     rep = sub.add_parser("report", help="join finished runs into report.md and plots")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", default="report", help="output folder (default: report/)")
+    rep.add_argument("--skip-unfinished", action="store_true",
+                     help="report the finished runs and list the others (exit 1 if any is missing)")
     rep.add_argument("--json", action="store_true")
     budget = sub.add_parser("budget", help="compose privacy ledgers, or `budget calibrate` a noise multiplier")
     budget.add_argument("paths", nargs="+", help="run dirs or ledger.json files (or the word calibrate)")
@@ -177,6 +218,10 @@ def cmd_sweep(args) -> int:
     from privtune.progress import info
 
     name, runs = load_sweep(args.config, args.overrides)
+    if getattr(args, "slurm", False):
+        return _submit_sweep(args, name, runs)
+    if getattr(args, "throttle", None) is not None or _slurm_flags_given(args):
+        raise UserError("Slurm flags given without --slurm", "add --slurm to submit the sweep, or drop the flags")
     _preflight_all(runs)
     results = []
     for i, cfg in enumerate(runs, 1):
@@ -211,10 +256,24 @@ def cmd_eval(args) -> int:
     if bad:
         raise UserError(f"privtune eval takes only eval.* and performance.* overrides, got {bad[0]}",
                         "change other settings with privtune run")
+    shard = _parse_shard(args.shard) if args.shard else None
+    if args.slurm and shard:
+        raise UserError("--slurm and --shard do not go together", "--slurm --shards K submits the K shards itself")
+    if not args.slurm and (_slurm_flags_given(args) or args.shards != 1):
+        raise UserError("Slurm flags given without --slurm", "add --slurm to submit the eval, or drop the flags")
     cfg = load_config(run_dir / RESOLVED, [*args.overrides, f"output_dir={run_dir.parent}"])
     if cfg.train.method != "none" and not (run_dir / "model" / RECORD).exists():
         raise UserError(f"{run_dir} has no trained model yet",
                         "run `privtune run CONFIG` first (or set train.method=none)")
+    if args.slurm:
+        return _submit_eval(args, cfg, run_dir)
+    if shard:
+        from privtune.launch.pipeline import run_eval_shard
+
+        run_eval_shard(cfg, run_dir, shard)
+        if args.json:
+            _print_json({"run_dir": str(run_dir), "shard": args.shard})
+        return 0
     metrics = run_eval_stage(cfg, run_dir)
     if not metrics:  # a non-main rank
         return 0
@@ -230,13 +289,30 @@ def cmd_report(args) -> int:
     from privtune.eval.report import write_report
 
     command = "privtune report " + " ".join(args.run_dirs) + f" --out {args.out}"
-    result = write_report([Path(d) for d in args.run_dirs], Path(args.out), command=command)
+    run_dirs, missing = [Path(d) for d in args.run_dirs], []
+    if args.skip_unfinished:
+        from privtune.eval.report import load_run
+
+        for run_dir in list(run_dirs):
+            try:
+                load_run(run_dir)
+            except UserError as err:  # unfinished or failed: listed, not reported
+                run_dirs.remove(run_dir)
+                missing.append({"run_dir": str(run_dir), "why": str(err)})
+        if not run_dirs:
+            raise UserError(f"none of the {len(missing)} runs has finished ({missing[0]['why']})",
+                            "see privtune status RUN_DIR for each")
+    result = write_report(run_dirs, Path(args.out), command=command)
+    if missing:
+        result["missing"] = missing
+        with open(Path(result["out"]) / "report.md", "a") as f:
+            f.write("\n## Not in this report\n\n" + "".join(f"- `{m['run_dir']}`: {m['why']}\n" for m in missing))
     if args.json:
         _print_json(result)
     else:
         sys.stdout.write(Path(result["out"], "report.md").read_text())
         sys.stdout.write(f"\nwritten: {result['out']}/report.md, plots: {', '.join(result['plots'])}\n")
-    return 0
+    return 1 if missing else 0
 
 
 def cmd_plan(args) -> int:
@@ -272,6 +348,87 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _slurm_flags_given(args) -> bool:
+    return any(getattr(args, name, None) not in (None, False) for name in (*SLURM_FLAGS, "dry_run"))
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text} is not I/K", "write e.g. --shard 0/4 (shards 0 to K-1)") from None
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"--shard {text}: the shard must lie in 0..K-1 with K >= 1", "write e.g. --shard 3/4")
+    return index, count
+
+
+def _slurm_flag_values(args) -> dict:
+    return {name: getattr(args, name, None) for name in SLURM_FLAGS}
+
+
+def _show_submission(args, result: dict, lines: list[str]) -> int:
+    if args.json:
+        _print_json(result)
+    elif result.get("dry_run"):
+        sys.stdout.write("\n".join(result[k] for k in ("rendered", "rendered_report", "rendered_merge")
+                                   if result.get(k)))
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from privtune.launch.submit import slurm_request, submit_run
+    from privtune.launch.sweep import load_sweep
+
+    name, runs = load_sweep(args.config, args.overrides)
+    if len(runs) > 1 or runs[0].name != name:
+        raise UserError(f"{args.config} holds a grid (a sweep)",
+                        "submit it with `privtune sweep CONFIG --slurm` (or pass grid=null for its base run)")
+    cfg = runs[0]
+    result = submit_run(cfg, slurm_request(cfg, _slurm_flag_values(args)), command=args.command_line,
+                        dry_run=args.dry_run)
+    if result.get("finished"):
+        lines = [f"run {result['run_dir']} has finished: nothing to submit (privtune status {result['run_dir']})"]
+    elif result.get("dry_run"):
+        lines = []
+    else:
+        lines = [f"submitted job {result['job_id']}: run {result['run_dir']}",
+                 f"  log {result['log']}", f"  follow it with: privtune status {result['run_dir']}"]
+    return _show_submission(args, result, lines)
+
+
+def _submit_sweep(args, name, runs) -> int:
+    from privtune.launch.submit import slurm_request, submit_sweep
+
+    result = submit_sweep(name, runs, slurm_request(runs[0], _slurm_flag_values(args)), throttle=args.throttle,
+                          command=args.command_line, dry_run=args.dry_run)
+    skipped = result["skipped_finished"]
+    lines = [f"sweep {name}: {len(runs)} runs, {len(skipped)} already finished"
+             + (f" ({', '.join(skipped)})" if skipped else "")]
+    if result.get("array_job_id"):
+        lines += [f"submitted array job {result['array_job_id']} ({len(runs) - len(skipped)} tasks) and report job "
+                  f"{result['report_job_id']} (after all of them): {result['report']}/report.md",
+                  f"  follow it with: privtune status {result['array_job_id']}"]
+    return _show_submission(args, result, lines)
+
+
+def _submit_eval(args, cfg, run_dir: Path) -> int:
+    from privtune.launch.submit import slurm_request, submit_eval
+
+    result = submit_eval(cfg, run_dir, slurm_request(cfg, _slurm_flag_values(args)), shards=args.shards,
+                         command=args.command_line, dry_run=args.dry_run)
+    lines = [f"submitted eval of {run_dir}: {args.shards} shard task(s) in array job {result['shard_job_id']}, "
+             f"merged by job {result['merge_job_id']}", f"  follow it with: privtune status {run_dir}"]
+    return _show_submission(args, result, lines)
+
+
+def cmd_status(args) -> int:
+    from privtune.cluster.status import status_command
+
+    return status_command(args.target, as_json=args.json, print_json=_print_json)
+
+
 def cmd_budget(args) -> int:
     if args.delta is None:
         raise UserError("privtune budget needs --delta", "add e.g. --delta 1e-6")
@@ -302,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         # `privtune plan CONFIG --nodes 2 key=value`: overrides may follow the flags
-        if extra and args.command == "plan" and all("=" in x and not x.startswith("-") for x in extra):
+        if extra and args.command in ("plan", "submit", "sweep") and all("=" in x and not x.startswith("-")
+                                                                          for x in extra):
             args.overrides, extra = [*args.overrides, *extra], []
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -317,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in PLANNED:
             raise UserError(f"`privtune {args.command}` ({PLANNED[args.command]}) is not implemented yet",
                             "use `privtune run CONFIG` for now")
-        handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget, "sweep": cmd_sweep, "eval": cmd_eval,
-                   "report": cmd_report, "plan": cmd_plan}[args.command]
+        args.command_line = "privtune " + shlex.join(argv)
+        handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget,
+                   "sweep": cmd_sweep, "eval": cmd_eval, "report": cmd_report, "plan": cmd_plan,
+                   "submit": cmd_submit, "status": cmd_status}[args.command]
         if not getattr(args, "json", False) or args.command in ("budget", "validate"):
             return handler(args)
         # --json: stdout carries exactly one JSON document; anything a library prints goes to stderr.

@@ -1,10 +1,11 @@
 """The typed run configuration: one schema for every YAML under ``configs/``.
 
 Owns: ``RunConfig``, which assembles the sections each stage owns (``data`` in ``corpora/config.py``; ``model``,
-``train``, ``privacy``, ``performance`` in ``trainers/config.py``; ``eval`` in ``eval/config.py``) and checks them
-against each other; parsing YAML plus ``key=value`` overrides into a validated ``RunConfig``; dumping it. Unknown
-keys are refused (a misspelled option must never be silently ignored); errors name the field and say how to fix
-it. The section classes are re-exported here for launch and the tests.
+``train``, ``privacy``, ``performance`` in ``trainers/config.py``; ``eval`` in ``eval/config.py``; ``cluster``, which
+no stage keys on, in ``cluster/config.py``) and checks them against each other; parsing YAML plus ``key=value``
+overrides into a validated ``RunConfig``; dumping it. Unknown keys are refused (a misspelled option must never be
+silently ignored); errors name the field and say how to fix it. The section classes are re-exported here for
+launch and the tests.
 
 Sensitive: ``PrivacyConfig`` (``trainers/config.py``) is frozen and kept apart from ``PerformanceConfig``; see
 there for what the guarantee rests on.
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from privtune.cluster.config import ClusterConfig
 from privtune.configbase import Strict
 from privtune.corpora.config import CanaryConfig, DataConfig
 from privtune.errors import UserError
@@ -34,7 +36,7 @@ from privtune.trainers.config import (
 )
 
 __all__ = [
-    "DP_METHODS", "CanaryConfig", "DataConfig", "EvalConfig", "LoraConfig", "Method", "ModelConfig",
+    "DP_METHODS", "CanaryConfig", "ClusterConfig", "DataConfig", "EvalConfig", "LoraConfig", "Method", "ModelConfig",
     "PerformanceConfig", "PrivacyConfig", "RunConfig", "TrainConfig", "apply_overrides", "config_from_dict",
     "dump_config", "finite", "load_config",
 ]
@@ -50,6 +52,7 @@ class RunConfig(Strict):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -100,6 +100,17 @@ def run_eval_stage(cfg: RunConfig, run_dir: Path) -> dict:
     return metrics
 
 
+def run_eval_shard(cfg: RunConfig, run_dir: Path, shard: tuple[int, int]) -> None:
+    """Score one independent shard of the eval (a Slurm array task); ``privtune eval RUN`` aggregates later."""
+    from privtune.eval.stage import evaluate_run
+
+    plan, want = plan_eval(cfg, run_dir)
+    if plan.action == "reuse":
+        info("[bold]eval[/]  reused: eval/ already matches this model, data and eval settings")
+        return
+    evaluate_run(cfg, run_dir, None, inputs=want.inputs, shard=shard)
+
+
 def resource_line(cfg: RunConfig, state) -> str | None:
     """The resource plan's one-line memory summary for this launch (``privtune plan`` prints the whole table); None
     where it cannot plan (e.g. an architecture the planner does not know): training goes ahead all the same."""

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+_ON_A_CLUSTER = ("needs a Slurm cluster with GPUs and the Llama-2 weights; the same commands on tiny models run "
+                 "against a real local Slurm in tests/cluster/test_slurm_jobs.py")
 NOT_RUN = {
     "make demo": "the quickstart grid, ~10 min: its single-method runs are in the README and run here",
     "make test": "this test runs inside it",
@@ -23,6 +25,11 @@ NOT_RUN = {
     "torchrun --nproc_per_node 2 -m privtune run configs/quickstart.yaml grid=null train.method=dp-lora "
     "name=dp3-fsdp2 privacy.target_epsilon=3 performance.parallel=fsdp2":
         "~6 min on 2 cores; the same recipe under fsdp2 on 2 processes is tests/trainers/test_recipe_parallel.py",
+    "privtune submit configs/cluster/llama-2-7b-dp-lora.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time "
+    "24:00:00 --requeue": _ON_A_CLUSTER,
+    "privtune status runs/cluster-llama-2-7b-dp-lora": _ON_A_CLUSTER,
+    "privtune sweep configs/paper_a/cpu.yaml --slurm --throttle 4 --partition cpu --time 2:00:00": _ON_A_CLUSTER,
+    "privtune eval runs/cluster-llama-2-7b-dp-lora --slurm --shards 8 --gpus-per-node 1": _ON_A_CLUSTER,
     "privtune sweep configs/paper_a/cpu.yaml": "43 min; sweeps are tested on tiny models (tests/launch/test_sweep.py, "
                                                "test_torchrun.py) and this config by tests/launch/test_config.py",
 }

@@ -140,7 +140,7 @@ def test_validate_json(capsys):
 
 
 def test_not_yet_implemented_commands_say_so(capsys):
-    code, _, err = run_cli(capsys, "status")
+    code, _, err = run_cli(capsys, "train")
     assert_one_line_error(code, err, "not implemented yet")
 
 
