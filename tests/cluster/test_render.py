@@ -86,7 +86,7 @@ def test_two_node_gpu_job_with_cluster_section(workdir, capsys):
                    "--time", "24:00:00", "--mem", "480G", "--exclusive", "--dry-run")
     _check_golden("two_nodes", text)
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=llm-privacy", "#SBATCH --exclusive", "#SBATCH --no-requeue",
+                 "#SBATCH --account=llm-privacy", "#SBATCH --exclusive",
                  "module load cuda/12.4", "export NCCL_DEBUG=WARN", "srun --nodes=2 --ntasks-per-node=1"):
         assert line in text
     assert '--rdzv-endpoint="$RDZV"' in text and "--nproc-per-node=8" in text
