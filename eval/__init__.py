@@ -11,6 +11,8 @@
 - ``stage``       the stage itself: which models, sharding across processes, eval/metrics.json
 - ``report``      the rows across runs: report.md, rows.json, rows.csv; refuses scores older than their model
 - ``plots``       the report's plots: privacy vs utility, ROC per run, exposure, training curves
+- ``winrate/``    ``privtune winrate``: two models answer, a judge compares each pair in both orders, win rate
+                  with bootstrap CIs, position consistency, a length-controlled rate; resumable, sharded
 
 Sensitive: per-example scores and extraction continuations come from private text and stay in the run dir;
 metrics and reports hold aggregates only.

@@ -126,6 +126,7 @@ def score_shards(cfg: EvalRun, run_dir: Path, splits: dict, proc: ProcessState, 
             mine = {split: [i for i in range(index, len(ids), count) if i not in read_done(run_dir, label, split)]
                     for split, (ids, _) in splits.items()}
             writer_rank = index
+        proc.barrier()  # every rank has read what is done before any rank writes more (else the splits differ)
         if not any(mine.values()):
             continue
         model, tokenizer = load()

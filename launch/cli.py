@@ -10,6 +10,7 @@
     privtune sweep GRID.yaml --slurm [--throttle K] [sbatch flags]
     privtune eval RUN_DIR --slurm --shards K [sbatch flags]        (a shard alone: privtune eval RUN --shard i/K)
     privtune status RUN_DIR|JOB_ID [--json]
+    privtune winrate --models A B --instructions FILE [--judge SPEC] [--out DIR] [--json]
 
 Every error a user can cause exits with code 2 and one line on stderr naming the problem and the fix.
 """
@@ -111,10 +112,31 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (processes) per node (default 1)")
     plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
                       help="memory of one GPU in GiB (default 80)")
+    _add_winrate_parser(sub)
     for name, what in PLANNED.items():
         p = sub.add_parser(name, help=f"{what} (not implemented yet)")
         p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _add_winrate_parser(sub) -> None:
+    w = sub.add_parser("winrate", help="pairwise win rate of model A over B, judged in both orders (resumes)")
+    w.add_argument("--models", nargs=2, required=True, metavar=("A", "B"),
+                   help="two run dirs (their trained model) or model names/paths, e.g. runs/dp3 smollm2-135m")
+    w.add_argument("--instructions", required=True, metavar="FILE",
+                   help="JSONL: {\"instruction\": ..., \"reference\": optional, \"id\": optional} a line")
+    w.add_argument("--judge", help="reference, reference:contains, lm:MODEL or openai:URL[#MODEL] "
+                                   "(default lm:smollm2-135m, the embedded model)")
+    w.add_argument("--out", default="winrate", help="output folder: winrate.json and resumable parts (default winrate/)")
+    w.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    w.add_argument("--batch-size", type=int, default=8, help="answers / LM-judge prompts per batch (default 8)")
+    w.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    w.add_argument("--seed", type=int, default=0, help="weights of the tiny test models (default 0)")
+    w.add_argument("--tie-margin", type=float, default=0.1,
+                   help="lm judge: |log p(1) - log p(2)| below this is a tie (default 0.1)")
+    w.add_argument("--judge-timeout", type=float, default=60.0, help="openai judge: seconds per call (default 60)")
+    w.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the CI (default 2000)")
+    w.add_argument("--json", action="store_true")
 
 
 def build_calibrate_parser() -> argparse.ArgumentParser:
@@ -429,6 +451,35 @@ def cmd_status(args) -> int:
     return status_command(args.target, as_json=args.json, print_json=_print_json)
 
 
+def cmd_winrate(args) -> int:
+    from privtune.eval.winrate import WinrateSettings, run_winrate
+    from privtune.eval.winrate.inputs import load_instructions, resolve_model
+    from privtune.eval.winrate.judges import DEFAULT_JUDGE, make_judge
+    from privtune.eval.winrate.run import check_judge_inputs, describe
+
+    # Every input checked before the first model loads.
+    settings = WinrateSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype,
+                               seed=args.seed, resamples=args.resamples)
+    if args.tie_margin < 0 or args.judge_timeout <= 0:
+        raise UserError("--tie-margin must be >= 0 and --judge-timeout > 0", "pass e.g. --tie-margin 0.1 --judge-timeout 60")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file", "pass a folder for winrate.json and the answers")
+    instructions = load_instructions(Path(args.instructions))
+    models = tuple(resolve_model(spec) for spec in args.models)
+    judge = make_judge(args.judge or DEFAULT_JUDGE, tie_margin=args.tie_margin, batch_size=args.batch_size,
+                       timeout=args.judge_timeout, dtype=args.dtype, seed=args.seed)
+    check_judge_inputs(judge, instructions, Path(args.instructions))
+    result = run_winrate(models, instructions, judge, Path(args.out), settings=settings,
+                         instructions_path=Path(args.instructions))
+    if not result:  # a non-main rank: rank 0 reports
+        return 0
+    if args.json:
+        _print_json({k: v for k, v in result.items() if k != "per_instruction"})
+    else:
+        sys.stdout.write(describe(result) + "\n")
+    return 0
+
+
 def cmd_budget(args) -> int:
     if args.delta is None:
         raise UserError("privtune budget needs --delta", "add e.g. --delta 1e-6")
@@ -478,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         args.command_line = "privtune " + shlex.join(argv)
         handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "budget": cmd_budget,
                    "sweep": cmd_sweep, "eval": cmd_eval, "report": cmd_report, "plan": cmd_plan,
-                   "submit": cmd_submit, "status": cmd_status}[args.command]
+                   "submit": cmd_submit, "status": cmd_status, "winrate": cmd_winrate}[args.command]
         if not getattr(args, "json", False) or args.command in ("budget", "validate"):
             return handler(args)
         # --json: stdout carries exactly one JSON document; anything a library prints goes to stderr.

@@ -10,6 +10,7 @@
 - ``memory``      the peak-memory meter behind efficiency.json
 - ``model_ids``   hub ids for released outputs, digests of a model's files (stage records key on them)
 - ``train_log``   per-step training curves (JSONL, TensorBoard)
+- ``sft/``        SFT through TRL (full, lora, dp, dp-lora); DP via the same DP step
 - ``dp/``         per-unit clipping with one backward, Poisson sampling, noise (privacy-critical)
 
 Privacy unit: one example, or one user (``privacy.unit: group``). Sensitive: the training data and which units

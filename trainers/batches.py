@@ -30,12 +30,17 @@ class Inputs:
                       self.num_tokens)
 
 
-def collate(rows: Sequence[int], input_ids: Sequence[Sequence[int]], *, pad_id: int, multiple_of: int = 8) -> Inputs:
+def collate(rows: Sequence[int], input_ids: Sequence[Sequence[int]], *, pad_id: int, multiple_of: int = 8,
+            labels: Sequence[Sequence[int]] | None = None) -> Inputs:
     """Rows of the dataset (index -1: a padding row with no target) → right-padded tensors.
+
+    ``labels``: per row, the targets (``IGNORE_INDEX`` where there is no loss, e.g. prompt tokens; the same length
+    as the row's ids); default: every token of the row is a target.
 
     A padding row is a single pad token whose label is ignored: it costs almost nothing and contributes no
     gradient, which keeps micro-batch shapes fixed in the batch dimension.
     """
+    given = labels
     seqs = [list(input_ids[r]) if r >= 0 else [pad_id] for r in rows]
     width = max(len(s) for s in seqs)
     width = -(-width // multiple_of) * multiple_of
@@ -47,7 +52,10 @@ def collate(rows: Sequence[int], input_ids: Sequence[Sequence[int]], *, pad_id: 
         ids[i, : len(seq)] = torch.as_tensor(seq)
         mask[i, : len(seq)] = 1
         if row >= 0:
-            labels[i, : len(seq)] = torch.as_tensor(seq)
+            target = seq if given is None else list(given[row])
+            if len(target) != len(seq):
+                raise ValueError(f"row {row}: {len(target)} labels for {len(seq)} tokens")
+            labels[i, : len(seq)] = torch.as_tensor(target)
             tokens += len(seq)
     return Inputs(ids, mask, labels, tokens)
 

@@ -417,17 +417,7 @@ class FineTuneRecipe:
         self.last_checkpoint = self.step
 
     def guarantee(self) -> Guarantee:
-        if not self.is_dp:
-            return Guarantee(None, None, None, "example", f"Method {self.cfg.train.method} adds no noise.")
-        if not self.plan.formal:
-            return Guarantee(None, self.plan.delta, None, self.plan.unit,
-                             "Non-private debug run of a DP method: no ε is claimed.")
-        note = (f"DP-SGD with Poisson sampling q={self.plan.sample_rate:.6g}, σ={self.plan.noise_multiplier:.6g}, "
-                f"C={self.plan.clip_norm:g}, T={self.plan.steps}.")
-        if self.plan.reproducible:
-            note += (" NOT A RELEASE: the sample and the noise are reproducible from the public seed "
-                     "(privacy.reproducible), so this ε holds only against someone without the run's config.")
-        return Guarantee(self.plan.epsilon, self.plan.delta, self.plan.accountant, self.plan.unit, note)
+        return guarantee_of(self.cfg.train.method, self.plan if self.is_dp else None)
 
     def released_model(self) -> torch.nn.Module | None:
         """Collective. Rank 0: an ordinary (unsharded) model holding the trained weights, for save_pretrained;
@@ -494,6 +484,23 @@ class FineTuneRecipe:
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
         if getattr(self, "log", None) is not None:
             self.log.close()
+
+
+def guarantee_of(method: str, plan) -> Guarantee:
+    """What a released model's card states: the plan's (ε, δ), or in words why there is no guarantee.
+
+    ``plan``: the run's ``DPPlan``, or None for a method without noise. Shared by every trainer that releases
+    (the recipe, DP-SFT through TRL), so their cards say the same thing for the same plan."""
+    if plan is None:
+        return Guarantee(None, None, None, "example", f"Method {method} adds no noise.")
+    if not plan.formal:
+        return Guarantee(None, plan.delta, None, plan.unit, "Non-private debug run of a DP method: no ε is claimed.")
+    note = (f"DP-SGD with Poisson sampling q={plan.sample_rate:.6g}, σ={plan.noise_multiplier:.6g}, "
+            f"C={plan.clip_norm:g}, T={plan.steps}.")
+    if plan.reproducible:
+        note += (" NOT A RELEASE: the sample and the noise are reproducible from the public seed "
+                 "(privacy.reproducible), so this ε holds only against someone without the run's config.")
+    return Guarantee(plan.epsilon, plan.delta, plan.accountant, plan.unit, note)
 
 
 def run_training(cfg: TrainingRun, run_dir: Path, out: Path, *, train_key: str | None = None) -> dict:
