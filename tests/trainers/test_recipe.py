@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_configs import config_with
 from safetensors.torch import load_file
 
 from privtune.errors import UserError
 from privtune.launch.cli import main
-from privtune.launch.config import config_from_dict
 from privtune.launch.pipeline import ensure_data
 from privtune.trainers.recipe import FineTuneRecipe
 
@@ -34,15 +34,7 @@ BASE = {
 
 
 def make_cfg(tmp_path: Path, **sections):
-    tree = json.loads(json.dumps(BASE))
-    for key, value in sections.items():
-        node = tree
-        *parents, last = key.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    tree["output_dir"] = str(tmp_path / "runs")
-    return config_from_dict(tree)
+    return config_with(BASE, tmp_path, **sections)
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "dp", "dp-lora"])

@@ -15,10 +15,10 @@ import types
 
 import pytest
 import torch
+from run_configs import config_with
 from transformers import TrainerCallback
 
 from privtune.errors import UserError
-from privtune.launch.config import config_from_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,15 +34,7 @@ BASE = {
 
 
 def make_cfg(tmp_path, **sections):
-    tree = json.loads(json.dumps(BASE))
-    for key, value in sections.items():
-        node = tree
-        *parents, last = key.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    tree["output_dir"] = str(tmp_path / "runs")
-    return config_from_dict(tree)
+    return config_with(BASE, tmp_path, **sections)
 
 
 def records(n: int = N, seed: int = 0):
